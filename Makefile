@@ -1,0 +1,58 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both install what is
+# missing first (idempotent): a .venv with the pinned torch, the project, and the Debian
+# package with the real Fashion-MNIST files.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# cpu -> onnxruntime, gpu -> onnxruntime-gpu. Never both in one venv: they overwrite
+# each other. Switching needs a fresh venv (make clean-venv).
+ORT ?= cpu
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DATA := data/fashion-mnist-lt
+MINORITY := coat,sandal,bag
+
+.PHONY: setup demo test test-fast lint bench-train bench-imbalance clean-venv
+
+setup: $(VENV)/.installed-$(ORT) $(FASHION_MNIST)
+
+# torch first, from the pinned releases, so no resolver pulls another torch build.
+$(VENV)/.installed-$(ORT): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[$(ORT),dev]'
+	$(PY) -m pip check
+	touch $@
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+$(DATA)/scenario.json: | setup
+	$(VENV)/bin/visionloop data fashion-mnist --out $(DATA) --imbalance-ratio 100 \
+		--minority $(MINORITY) --seed 0
+
+# Until the serving and labeling stages exist, the demo trains, exports and reports.
+demo: setup $(DATA)/scenario.json
+	$(VENV)/bin/visionloop train --data $(DATA) --out model_store --name fashion
+	@echo "report: model_store/fashion/$$(ls model_store/fashion | grep '^v' | sort -V | tail -1)/report.md"
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check visionloop trainer serving labeling bench tests
+
+bench-train: setup
+	$(PY) -m bench.train_throughput
+
+bench-imbalance: setup
+	$(PY) -m bench.imbalance --out reports/bench-imbalance
+
+clean-venv:
+	rm -rf $(VENV)

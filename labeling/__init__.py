@@ -1,0 +1,1 @@
+"""Labeling stage: Label Studio push/pull (to come)."""

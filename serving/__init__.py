@@ -1,0 +1,1 @@
+"""Serving stage: TorchServe handler and operations (to come)."""

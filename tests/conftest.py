@@ -1,0 +1,34 @@
+"""Shared fixtures: small real Fashion-MNIST slices (Debian files) and a trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer import fashion_mnist
+
+MINORITY = ("coat", "sandal", "bag")
+
+
+@pytest.fixture(scope="session")
+def small_scenario(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 images of each majority class and 10 of each minority class; balanced val/test."""
+    out = tmp_path_factory.mktemp("data") / "fm-small"
+    fashion_mnist.build_scenario(fashion_mnist.ScenarioConfig(
+        out=out, minority=MINORITY, imbalance_ratio=6, train_per_class=60, pool_per_class=12,
+        val_per_class=20, test_per_class=30, seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_version(small_scenario: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real training run on the small scenario (pretrained Lite0, 32 px), published."""
+    from trainer.config import TrainConfig
+    from trainer.train import run_training
+
+    store = tmp_path_factory.mktemp("store")
+    cfg = TrainConfig(data=str(small_scenario), out=str(store), name="fm", epochs=4,
+                      freeze_epochs=1, batch_size=32, num_workers=0, show_progress=False,
+                      minority=MINORITY, work_dir=str(store / "runs"))
+    return run_training(cfg)

@@ -1,0 +1,145 @@
+"""Real training runs on small real data (Fashion-MNIST slices), through the public entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from trainer.config import TrainConfig
+from trainer.export import PARITY_TOLERANCE
+from trainer.train import run_training
+from visionloop.cli import main as cli_main
+from visionloop.fsutil import sha256_file
+from visionloop.manifest import ModelManifest
+from visionloop.preprocess import preprocess_image
+
+MINORITY = ("coat", "sandal", "bag")  # as in conftest.small_scenario
+
+pytestmark = pytest.mark.slow
+CHANCE = 0.1  # ten classes
+
+
+def test_training_learns_and_publishes_a_complete_version(trained_version: Path):
+    manifest = ModelManifest.load(trained_version)
+    test = manifest.metrics["test"]
+    assert test["accuracy"] > 4 * CHANCE, test  # learned, well above chance
+    assert manifest.version == "v1" and manifest.parent_version is None
+    assert manifest.classes == tuple(sorted(manifest.classes)) and len(manifest.classes) == 10
+    assert manifest.metrics["minority"] == list(MINORITY)
+    assert set(test["per_class"]) == set(manifest.classes)
+    assert manifest.temperature > 0 and 0 <= manifest.metrics["ece_calibrated"] <= 1
+    assert len(manifest.dataset_fingerprint) == 64
+    assert manifest.training_config["epochs"] == 4
+    for key, artifact in manifest.artifacts.items():
+        path = trained_version / artifact.path
+        assert sha256_file(path) == artifact.sha256, key
+        if key != "state_dict":
+            assert artifact.max_abs_diff is not None and artifact.max_abs_diff <= PARITY_TOLERANCE
+    for name in ("report.md", "confusion_matrix.png", "reliability.png"):
+        assert (trained_version / name).stat().st_size > 0
+    assert "| macro-F1 |" in (trained_version / "report.md").read_text()
+    assert not list(trained_version.parent.glob(".staging-*")), "staging dir left behind"
+
+
+def test_exports_reproduce_the_eager_model_on_real_images(trained_version: Path, small_scenario):
+    """TorchScript and ONNX, fed the manifest's preprocessing, agree with the saved weights."""
+    from trainer.data import load_image_tensor
+    from trainer.models import build_model
+
+    manifest = ModelManifest.load(trained_version)
+    files = sorted((small_scenario / "test").rglob("*.png"))[::37][:9]  # any batch size works
+    batch = torch.stack([preprocess_image(load_image_tensor(f), manifest.preprocessing)
+                         for f in files])
+    eager = build_model(manifest.arch, len(manifest.classes), "none").model.eval()
+    eager.load_state_dict(torch.load(trained_version / "weights.pt", weights_only=True))
+    with torch.no_grad():
+        reference = torch.softmax(eager(batch) / manifest.temperature, 1)
+        scripted = torch.jit.load(str(trained_version / "model.torchscript.pt"))(batch)
+    session = ort.InferenceSession(str(trained_version / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(None, {"input": batch.numpy()})[0]
+    for logits in (scripted, torch.from_numpy(np.asarray(onnx_logits))):
+        probs = torch.softmax(logits / manifest.temperature, 1)
+        assert (probs - reference).abs().max().item() <= PARITY_TOLERANCE
+
+
+def test_warm_start_from_parent_and_class_mismatch(trained_version: Path, small_scenario,
+                                                   tmp_path):
+    store = trained_version.parent.parent
+    cfg = TrainConfig(data=str(small_scenario), out=str(store), name="fm", parent="latest",
+                      epochs=1, freeze_epochs=0, num_workers=0, show_progress=False,
+                      work_dir=str(tmp_path / "runs"))
+    child = ModelManifest.load(run_training(cfg))
+    assert child.version == "v2" and child.parent_version == "v1"
+    assert child.metrics["test"]["accuracy"] > 4 * CHANCE  # started from a trained model
+
+    fewer = tmp_path / "nine-classes"
+    shutil.copytree(small_scenario, fewer, ignore=shutil.ignore_patterns("bag"))
+    code = cli_main(["train", "--data", str(fewer), "--out", str(store), "--name", "fm",
+                     "--parent", "v1", "--epochs", "1", "--no-show-progress"])
+    assert code == 2
+
+
+def test_resume_continues_after_the_last_completed_epoch(small_scenario, tmp_path):
+    common = dict(data=str(small_scenario), out=str(tmp_path / "store"), name="fm",
+                  freeze_epochs=1, num_workers=0, show_progress=False,
+                  work_dir=str(tmp_path / "runs"), batch_size=64)
+    run_training(TrainConfig(epochs=1, **common))
+    meta = json.loads((tmp_path / "runs" / "last.json").read_text())
+    assert meta["epoch"] == 0 and len(meta["history"]) == 1
+    version = run_training(TrainConfig(epochs=2, resume=True, **common))
+    history = ModelManifest.load(version).metrics["history"]
+    assert [h["epoch"] for h in history] == [0, 1]  # epoch 0 was not trained again
+    assert history[0] == meta["history"][0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent"], "has no train/ folder"),
+    (["--weights", "/nonexistent/w.pth"], "does not exist"),
+    (["--arch", "resnet7"], "unknown architecture"),
+    (["--imbalance", "magic"], "imbalance must be one of"),
+])
+def test_cli_reports_bad_input_with_exit_code_2(small_scenario, tmp_path, capsys, args, message):
+    base = ["train", "--data", str(small_scenario), "--out", str(tmp_path), "--epochs", "1",
+            "--no-show-progress"]
+    assert cli_main(base + args) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.rglob("manifest.json"))
+
+
+def test_cli_names_a_corrupt_image(small_scenario, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(small_scenario, data)
+    victim = next((data / "train" / "coat").iterdir())
+    victim.write_bytes(victim.read_bytes()[:40])
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "s"), "--no-show-progress"]
+    assert cli_main(args) == 2
+    assert victim.name in capsys.readouterr().err
+
+
+def test_two_process_ddp_run_on_cpu(small_scenario, tmp_path):
+    """torchrun, 2 processes, gloo: both ranks train their shard, rank 0 alone publishes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE"))}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "visionloop.cli", "train", "--data", str(small_scenario),
+           "--out", str(tmp_path / "store"), "--name", "ddp", "--epochs", "3", "--batch-size", "16",
+           "--num-workers", "0", "--device", "cpu", "--no-show-progress",
+           "--work-dir", str(tmp_path / "runs")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world size 2" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "store" / "ddp").iterdir()) == ["v1"]
+    manifest = ModelManifest.load(tmp_path / "store" / "ddp" / "v1")
+    assert manifest.metrics["test"]["accuracy"] > 3 * CHANCE
+    # Each rank saw half of an epoch: the sampler sharded the data between them.
+    assert "per rank 225 images/epoch" in result.stderr

@@ -1,0 +1,1 @@
+"""Fine-tune, evaluate, calibrate and export image classifiers into model_store/."""

