@@ -73,15 +73,15 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def markdown(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
+def markdown(results: dict[str, list[dict]], args: dict) -> str:
     keys = ("macro_f1", "minority_recall", "balanced_accuracy", "ece_uncalibrated",
             "ece_calibrated", "temperature")
     lines = [
         "# Class-imbalance methods on long-tailed Fashion-MNIST", "",
-        f"arch {args.arch}, {args.image_size} px, {args.epochs} epochs "
-        f"({args.freeze_epochs} head-only), train {args.train_per_class}/class, minority "
-        f"{', '.join(args.minority)} cut to 1/{args.imbalance_ratio:g}; test "
-        f"{args.test_per_class}/class; seeds {args.seeds}. Mean ± std over seeds.", "",
+        f"arch {args['arch']}, {args['image_size']} px, {args['epochs']} epochs "
+        f"({args['freeze_epochs']} head-only), train {args['train_per_class']}/class, minority "
+        f"{', '.join(args['minority'])} cut to 1/{args['imbalance_ratio']:g}; test "
+        f"{args['test_per_class']}/class; seeds {args['seeds']}. Mean ± std over seeds.", "",
         "| run | " + " | ".join(keys) + " | seconds |", "|---" * (len(keys) + 2) + "|",
     ]
     for label, runs in results.items():
@@ -113,11 +113,17 @@ def main() -> None:
     parser.add_argument("--test-per-class", type=int, default=500)
     parser.add_argument("--imbalance-ratio", type=float, default=100.0)
     parser.add_argument("--minority", type=fashion_mnist.parse_minority,
-                        default=("coat", "sandal", "bag"))
+                        default=("coat", "sandal", "bag"))  # as in `make demo`
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--source-dir", type=Path, default=fashion_mnist.DEBIAN_DIR)
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="RESULTS_JSON",
+                        help="train nothing: combine results.json files of runs with other "
+                             "seeds (same settings) into one table")
     args = parser.parse_args()
+    if args.merge:
+        write_results(args.out, *merge(args.merge))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     results: dict[str, list[dict]] = {label: [] for label, *_ in variants()}
     with tempfile.TemporaryDirectory(prefix="bench-imbalance-") as tmp:
@@ -127,10 +133,29 @@ def main() -> None:
                 log.info("seed %d: %s", seed, label)
                 results[label].append(run_one(data[split], Path(tmp) / "store", method, weights,
                                               seed, args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "results.json", results)
-    atomic_write_text(args.out / "results.md", markdown(results, args))
-    print((args.out / "results.md").read_text())
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "merge", "source_dir")}
+    write_results(args.out, results, settings)
+
+
+def merge(paths: list[Path]) -> tuple[dict[str, list[dict]], dict]:
+    loaded = [json.loads(p.read_text()) for p in paths]
+    settings = dict(loaded[0]["settings"])
+    for other in loaded[1:]:
+        differing = {k for k in settings
+                     if k != "seeds" and other["settings"].get(k) != settings[k]}
+        if differing:
+            raise SystemExit(f"cannot merge runs whose settings differ in {sorted(differing)}")
+    settings["seeds"] = ",".join(item["settings"]["seeds"] for item in loaded)
+    results = {label: [run for item in loaded for run in item["runs"][label]]
+               for label in loaded[0]["runs"]}
+    return results, settings
+
+
+def write_results(out: Path, results: dict[str, list[dict]], settings: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", {"settings": settings, "runs": results})
+    atomic_write_text(out / "results.md", markdown(results, settings))
+    print((out / "results.md").read_text())
 
 
 if __name__ == "__main__":

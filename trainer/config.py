@@ -39,6 +39,7 @@ class TrainConfig:
     early_stop_patience: int = 3  # epochs without a better val macro-F1
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = False
+    onnx_fp16: bool = False  # also export model.fp16.onnx (for GPU hosts)
     device: str = "auto"
     num_workers: int = 1
     seed: int = 0

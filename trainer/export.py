@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4  # max abs difference allowed on calibrated probabilities
+FP16_PARITY_TOLERANCE = 1e-2  # fp16 keeps ~3 significant digits; 1e-4 is out of its reach
 ONNX_OPSET = 17
 
 
@@ -48,6 +50,13 @@ def export_torchscript(model: nn.Module, batch: torch.Tensor, path: Path) -> tor
         return loaded(batch)
 
 
+def _ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
 def export_onnx(model: nn.Module, batch: torch.Tensor, path: Path) -> np.ndarray:
     """One self-contained .onnx file with a dynamic batch axis; returns ORT's logits on batch."""
     import onnx
@@ -62,15 +71,16 @@ def export_onnx(model: nn.Module, batch: torch.Tensor, path: Path) -> np.ndarray
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     onnx.checker.check_model(str(path), full_check=True)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=_ort_providers())
     # Run a batch of a different size too, proving the batch axis really is dynamic.
     session.run(None, {"input": batch[:1].numpy()})
     return session.run(None, {"input": batch.numpy()})[0]
 
 
-def export_all(model: nn.Module, batch: torch.Tensor, out_dir: Path,
-               temperature: float) -> dict[str, tuple[str, float]]:
-    """Write model.torchscript.pt and model.onnx; {format: (file name, max_abs_diff)}."""
+def export_all(model: nn.Module, batch: torch.Tensor, out_dir: Path, temperature: float,
+               fp16: bool = False) -> dict[str, tuple[str, float]]:
+    """Write model.torchscript.pt, model.onnx (and model.fp16.onnx when asked);
+    returns {format: (file name, max_abs_diff)}."""
     model = model.cpu().float().eval()
     batch = batch.cpu().float().contiguous()
     with torch.no_grad():
@@ -81,4 +91,11 @@ def export_all(model: nn.Module, batch: torch.Tensor, out_dir: Path,
                               check_parity("TorchScript", reference, ts_logits, temperature))
     onnx_logits = export_onnx(model, batch, out_dir / "model.onnx")
     results["onnx"] = ("model.onnx", check_parity("ONNX", reference, onnx_logits, temperature))
+    if fp16:
+        # For GPU hosts: half the bytes and tensor-core kernels; inputs are fp16 too.
+        half_logits = export_onnx(copy.deepcopy(model).half(), batch.half(),
+                                  out_dir / "model.fp16.onnx")
+        results["onnx_fp16"] = ("model.fp16.onnx", check_parity(
+            "ONNX fp16", reference, half_logits.astype(np.float32), temperature,
+            FP16_PARITY_TOLERANCE))
     return results

@@ -310,7 +310,7 @@ def write_version(cfg: TrainConfig, store: ModelStore, start: StartingPoint, spl
     try:
         model = start.model.cpu().float().eval()
         torch.save(model.state_dict(), staging / "weights.pt")
-        exported = export_all(model, batch, staging, metrics["temperature"])
+        exported = export_all(model, batch, staging, metrics["temperature"], cfg.onnx_fp16)
         artifacts = {"state_dict": Artifact("weights.pt", "state_dict",
                                             sha256_file(staging / "weights.pt"))}
         for fmt, (file, diff) in exported.items():
