@@ -11,6 +11,7 @@ table and the raw figures to --out.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import tempfile
