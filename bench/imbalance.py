@@ -85,7 +85,8 @@ def markdown(results: dict[str, list[dict]], args: dict) -> str:
         f"{args['test_per_class']}/class; seeds {args['seeds']}. Mean ± std over seeds.", "",
         "| run | " + " | ".join(keys) + " | seconds |", "|---" * (len(keys) + 2) + "|",
     ]
-    for label, runs in results.items():
+    for label in (label for label, *_ in variants() if label in results):
+        runs = results[label]
         cells = [_fmt([r[k] for r in runs]) for k in keys]
         lines.append(f"| {label} | " + " | ".join(cells)
                      + f" | {statistics.mean(r['seconds'] for r in runs):.0f} |")
