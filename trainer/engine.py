@@ -31,7 +31,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable, loss_fn: nn.Module,
     model.train()
     total_loss = torch.zeros((), device=device)
     seen, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=description, unit="batch", disable=not show_progress, leave=False)
+    # disable=None: a bar on a terminal only; logs get the per-epoch summary line instead.
+    bar = tqdm(loader, desc=description, unit="batch", disable=None if show_progress else True,
+               leave=False)
     for images, labels in bar:
         images = to_device(images, device, channels_last)
         labels = labels.to(device, non_blocking=True)

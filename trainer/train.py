@@ -6,7 +6,6 @@ rank trains its shard; rank 0 alone evaluates, checkpoints, exports and publishe
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import statistics
@@ -146,14 +145,14 @@ def _resolve_parent(store: ModelStore, cfg: TrainConfig) -> str:
     return version
 
 
-def prepare_model(cfg: TrainConfig, classes: tuple[str, ...], store: ModelStore) -> StartingPoint:
-    """Fresh pretrained backbone + new head, or a warm start from a parent version."""
-    if cfg.parent is None:
+def prepare_model(cfg: TrainConfig, classes: tuple[str, ...], store: ModelStore,
+                  parent: ModelManifest | None) -> StartingPoint:
+    """Fresh pretrained backbone + new head, or a warm start from the parent version."""
+    if parent is None:
         built = build_model(cfg.arch, len(classes), cfg.weights)
         pre = Preprocessing(cfg.image_size, cfg.resize, built.mean, built.std)
         return StartingPoint(built.model, built.head_prefix, pre, cfg.arch, None)
-    version = _resolve_parent(store, cfg)
-    parent = store.load_manifest(cfg.name, version)
+    version = parent.version
     if tuple(parent.classes) != tuple(classes):
         raise DataError(f"the data's classes {list(classes)} differ from parent {version}'s "
                         f"{list(parent.classes)}; a warm start needs the same class set")
@@ -342,10 +341,9 @@ def run_training(cfg: TrainConfig) -> Path | None:
     try:
         torch.manual_seed(cfg.seed)
         store = ModelStore(cfg.out)
-        parent_classes = None
-        if cfg.parent:
-            parent_classes = store.load_manifest(cfg.name, _resolve_parent(store, cfg)).classes
-        splits = load_splits(cfg, parent_classes)
+        parent = (store.load_manifest(cfg.name, _resolve_parent(store, cfg))
+                  if cfg.parent else None)
+        splits = load_splits(cfg, parent.classes if parent else None)
         minority = list(cfg.minority) or detect_minority(splits.classes, splits.train_counts)
         unknown = sorted(set(minority) - set(splits.classes))
         if unknown:
@@ -355,7 +353,7 @@ def run_training(cfg: TrainConfig) -> Path | None:
                  minority or "none")
         log.info("rank %d of world size %d on %s, per rank %d images/epoch", ctx.rank,
                  ctx.world_size, ctx.device, -(-len(splits.train) // ctx.world_size))
-        start = prepare_model(cfg, splits.classes, store)
+        start = prepare_model(cfg, splits.classes, store, parent)
         loaders = make_loaders(cfg, splits, start.preprocessing, ctx)
         fitter = Fitter(cfg, ctx, start, splits, loaders)
         if cfg.resume and fitter.last_path.exists():
@@ -377,9 +375,3 @@ def run_training(cfg: TrainConfig) -> Path | None:
     finally:
         shutdown(ctx)
 
-
-def copy_config(cfg: TrainConfig, **changes) -> TrainConfig:
-    """A modified copy (benchmarks and retraining derive configs from a base)."""
-    values = copy.deepcopy(cfg.to_dict())
-    values.update(changes)
-    return TrainConfig(**values)
