@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from serving import cli as serving_cli
 from trainer import cli as trainer_cli
 
 # Errors a user can fix from the message alone: printed without a traceback, exit code 2.
@@ -22,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune, evaluate, calibrate, export a model version")
     trainer_cli.add_train_arguments(train)
     train.set_defaults(run=trainer_cli.run_train)
+    package = sub.add_parser("package", help="build a TorchServe .mar from a model version")
+    serving_cli.add_package_arguments(package)
+    package.set_defaults(run=serving_cli.run_package)
+    serve = sub.add_parser("serve", help="start, stop or inspect TorchServe on loopback")
+    serving_cli.add_serve_arguments(serve)
+    serve.set_defaults(run=serving_cli.run_serve)
     return parser
 
 

@@ -1,0 +1,58 @@
+"""Build a TorchServe .mar from a model_store version: one artifact, manifest, serving config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from serving.handler import SERVING_CONFIG, ServingConfig
+from visionloop.manifest import ModelManifest
+
+BACKENDS = {"torchscript": "torchscript", "onnx": "onnx", "onnx-fp16": "onnx_fp16"}
+HANDLER = Path(__file__).with_name("handler.py")
+
+
+def mar_name(name: str, version: str, backend: str) -> str:
+    return f"{name}-{version}-{backend}.mar"
+
+
+def package(version_dir: Path, export_dir: Path, backend: str = "torchscript",
+            batch_size: int = 8, max_batch_delay_ms: int = 10, workers: int = 1,
+            serving: ServingConfig | None = None) -> Path:
+    """Write export_dir/<name>-<version>-<backend>.mar (zip-store: no compression, fast)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if batch_size < 1 or max_batch_delay_ms < 0 or workers < 1:
+        raise ValueError("batch_size and workers must be >= 1 and max_batch_delay_ms >= 0")
+    manifest = ModelManifest.load(version_dir)
+    artifact = manifest.artifact_path(version_dir, BACKENDS[backend])
+    export_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = Path(tmp)
+        shutil.copy(version_dir / "manifest.json", extra / "manifest.json")
+        serving_config = asdict(serving or ServingConfig())
+        (extra / SERVING_CONFIG).write_text(json.dumps(serving_config, indent=2))
+        model_config = extra / "model-config.yaml"
+        model_config.write_text(yaml.safe_dump({
+            "batchSize": batch_size, "maxBatchDelay": max_batch_delay_ms,
+            "minWorkers": workers, "maxWorkers": workers, "responseTimeout": 60}))
+        # The model is registered as <name> with version <version>; only the file is unique.
+        cmd = [str(Path(sys.executable).with_name("torch-model-archiver")),
+               "--model-name", manifest.name, "--version", manifest.version,
+               "--serialized-file", str(artifact), "--handler", str(HANDLER),
+               "--extra-files", f"{extra / 'manifest.json'},{extra / SERVING_CONFIG}",
+               "--config-file", str(model_config), "--export-path", tmp,
+               "--archive-format", "zip-store", "--force"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"torch-model-archiver failed: {result.stderr.strip()[-2000:]}")
+        target = export_dir / mar_name(manifest.name, manifest.version, backend)
+        shutil.move(extra / f"{manifest.name}.mar", target)
+    return target

@@ -1,0 +1,77 @@
+"""Command-line front ends of serving: `visionloop package` and `visionloop serve`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from serving.server import ServerConfig
+
+
+def add_package_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("version", help="model version to package, e.g. v3 (or 'latest')")
+    parser.add_argument("--name", required=True, help="model name in the store")
+    parser.add_argument("--store", type=Path, default=Path("model_store"))
+    parser.add_argument("--backend", default="torchscript",
+                        help="torchscript | onnx | onnx-fp16 (the archived artifact)")
+    parser.add_argument("--export-path", type=Path, default=ServerConfig.model_store)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-batch-delay-ms", type=int, default=10)
+    parser.add_argument("--capture-below", type=float, default=0.7,
+                        help="capture predictions whose calibrated confidence is below this")
+
+
+def _resolve(store: Path, name: str, version: str) -> Path:
+    from visionloop.store import ModelStore, StoreError
+
+    model_store = ModelStore(store)
+    resolved = model_store.latest_version(name) if version == "latest" else version
+    if resolved is None:
+        raise StoreError(f"model {name!r} has no versions in {store}")
+    return model_store.version_dir(name, resolved)
+
+
+def run_package(args: argparse.Namespace) -> int:
+    from serving.archive import package
+    from serving.capture import CapturePolicy
+    from serving.handler import ServingConfig
+
+    serving = ServingConfig(capture=CapturePolicy(max_confidence=args.capture_below))
+    mar = package(_resolve(args.store, args.name, args.version), args.export_path, args.backend,
+                  args.batch_size, args.max_batch_delay_ms, serving=serving)
+    print(mar)
+    return 0
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("start", "stop", "status"))
+    parser.add_argument("--home", type=Path, default=ServerConfig.home)
+    parser.add_argument("--model-store", type=Path, default=ServerConfig.model_store)
+    parser.add_argument("--capture-dir", type=Path, default=ServerConfig.capture_dir)
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=FILE.mar",
+                        help="model to load at start (repeatable), e.g. fm=fm-v1-onnx.mar")
+    parser.add_argument("--inference-port", type=int, default=ServerConfig.inference_port)
+    parser.add_argument("--management-port", type=int, default=ServerConfig.management_port)
+    parser.add_argument("--metrics-port", type=int, default=ServerConfig.metrics_port)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from serving import server
+
+    cfg = ServerConfig(home=args.home, model_store=args.model_store, capture_dir=args.capture_dir,
+                       inference_port=args.inference_port, management_port=args.management_port,
+                       metrics_port=args.metrics_port)
+    if args.action == "start":
+        bad = [m for m in args.model if "=" not in m]
+        if bad:
+            raise ValueError(f"--model takes NAME=FILE.mar, got {bad}")
+        models = dict(m.split("=", 1) for m in args.model)
+        pid = server.start(cfg, models)
+        print(f"TorchServe ready (pid {pid}): inference {cfg.url('inference')}, "
+              f"management {cfg.url('management')}, metrics {cfg.url('metrics')}")
+    elif args.action == "stop":
+        print("stopped" if server.stop(cfg) else "not running")
+    else:
+        print(json.dumps(server.status(cfg), indent=2))
+    return 0

@@ -1,0 +1,92 @@
+"""TorchServe handler: wires serving.inference and serving.capture into handle(data, context).
+
+The archive holds one model artifact (model.torchscript.pt or model.onnx), the version's
+manifest.json and serving.json (limits, top-k, capture policy). The capture directory
+is a deployment setting: the VISIONLOOP_CAPTURE_DIR environment variable of the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serving.backends import load_backend
+from serving.capture import CapturePolicy, CaptureStore
+from serving.inference import BadInput, Limits, decode, postprocess, preprocess_batch
+from visionloop.manifest import ModelManifest
+
+log = logging.getLogger(__name__)
+SERVING_CONFIG = "serving.json"
+ARTIFACT_NAMES = ("model.onnx", "model.fp16.onnx", "model.torchscript.pt")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    top_k: int = 5
+    limits: Limits = Limits()
+    capture: CapturePolicy = CapturePolicy()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServingConfig:
+        return cls(top_k=int(data.get("top_k", 5)), limits=Limits(**data.get("limits", {})),
+                   capture=CapturePolicy(**data.get("capture", {})))
+
+
+class VisionloopHandler:
+    def __init__(self) -> None:
+        self.initialized = False
+
+    def initialize(self, context: Any) -> None:
+        props = context.system_properties
+        model_dir = Path(props["model_dir"])
+        self.manifest = ModelManifest.load(model_dir)
+        config_path = model_dir / SERVING_CONFIG
+        self.config = ServingConfig.from_dict(
+            json.loads(config_path.read_text()) if config_path.exists() else {})
+        artifact = next(model_dir / n for n in ARTIFACT_NAMES if (model_dir / n).exists())
+        self.backend = load_backend(artifact, props.get("gpu_id"))
+        capture_dir = os.environ.get("VISIONLOOP_CAPTURE_DIR")
+        self.capture = CaptureStore(capture_dir, self.config.capture) if capture_dir else None
+        self.initialized = True
+
+    def handle(self, data: list[dict], context: Any) -> list[Any]:
+        """One reply per request, in order; bad requests get a 4xx of their own."""
+        replies: list[Any] = [None] * len(data)
+        images, good, bodies = [], [], []
+        for i, row in enumerate(data):
+            body = row.get("data") or row.get("body")
+            try:
+                images.append(decode(body, self.config.limits))
+                good.append(i)
+                bodies.append(bytes(body))
+            except BadInput as exc:
+                context.set_response_status(exc.status, exc.reason, idx=i)
+                replies[i] = {"error": exc.reason, "status": exc.status}
+        if images:
+            logits = self.backend(preprocess_batch(images, self.manifest))
+            for i, body, reply in zip(good, bodies,
+                                      postprocess(logits, self.manifest, self.config.top_k),
+                                      strict=True):
+                reply["backend"] = self.backend.name
+                if self.capture is not None:
+                    request_id = context.get_request_id(i) or uuid.uuid4().hex
+                    reply["captured"] = self.capture.maybe_capture(body, request_id, reply)
+                replies[i] = reply
+        return [json.dumps(r) for r in replies]
+
+
+_service = VisionloopHandler()
+
+
+def handle(data: list[dict] | None, context: Any) -> list[Any] | None:
+    """TorchServe's entry point; the model loads on the first call (initialize)."""
+    if not _service.initialized:
+        _service.initialize(context)
+    if data is None:
+        return None
+    return _service.handle(data, context)

@@ -1,0 +1,88 @@
+"""The request path as pure functions: decode -> preprocess -> (backend) -> postprocess."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_image
+
+from visionloop.manifest import ModelManifest
+from visionloop.preprocess import preprocess_image
+
+DEFAULT_MAX_PIXELS = 40_000_000  # about 6300 x 6300; far above any photo a classifier needs
+DEFAULT_MAX_BYTES = 6_000_000  # under TorchServe's own max_request_size (6,553,500)
+
+
+class BadInput(ValueError):
+    """A request the client must fix; `status` is the HTTP code to answer with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def decode(data: bytes | bytearray | None, limits: Limits = Limits()) -> torch.Tensor:
+    """Image bytes -> uint8 CHW tensor (1 or 3 channels), or BadInput with the reason."""
+    if not data:
+        raise BadInput(400, "empty request body: send the image bytes (JPEG, PNG, GIF, WebP)")
+    if len(data) > limits.max_bytes:
+        raise BadInput(413, f"request body is {len(data)} bytes; the limit is {limits.max_bytes}")
+    # Read only the header first: a decompression bomb is refused before any pixel is decoded.
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise BadInput(400, f"body is not a readable image ({type(exc).__name__}: {exc})") from exc
+    except Image.DecompressionBombError as exc:
+        raise BadInput(413, f"image too large: {exc}") from exc
+    if width * height > limits.max_pixels:
+        raise BadInput(413, f"image is {width}x{height} = {width * height} pixels; "
+                            f"the limit is {limits.max_pixels}")
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        image = decode_image(buffer, mode=ImageReadMode.UNCHANGED)
+    except RuntimeError as exc:  # truncated or corrupt pixel data
+        raise BadInput(400, f"image could not be decoded: {str(exc).splitlines()[0]}") from exc
+    if image.ndim == 4:  # animated GIF: classify the first frame
+        image = image[0]
+    return image
+
+
+def preprocess_batch(images: list[torch.Tensor], manifest: ModelManifest) -> torch.Tensor:
+    return torch.stack([preprocess_image(image, manifest.preprocessing) for image in images])
+
+
+def uncertainty(probabilities: torch.Tensor) -> dict[str, float]:
+    """max_prob (confidence), margin (top1 - top2), entropy normalised to [0, 1] by log(C)."""
+    top2 = probabilities.topk(min(2, len(probabilities))).values
+    margin = float(top2[0] - top2[1]) if len(top2) > 1 else 1.0
+    entropy = float(-(probabilities * probabilities.clamp_min(1e-12).log()).sum())
+    return {"max_prob": float(top2[0]), "margin": margin,
+            "entropy": entropy / math.log(len(probabilities))}
+
+
+def postprocess(logits: torch.Tensor, manifest: ModelManifest, top_k: int = 5) -> list[dict]:
+    """Logits [N, C] -> per image: calibrated top-k, all probabilities, uncertainty scores."""
+    probabilities = torch.softmax(logits.float() / manifest.temperature, dim=1)
+    k = min(top_k, probabilities.shape[1])
+    replies = []
+    for row in probabilities:
+        values, indices = row.topk(k)
+        replies.append({
+            "model": manifest.name, "version": manifest.version,
+            "predictions": [{"label": manifest.classes[i], "probability": round(float(p), 6)}
+                            for p, i in zip(values, indices.tolist(), strict=True)],
+            "uncertainty": {k_: round(v, 6) for k_, v in uncertainty(row).items()},
+            "probabilities": [round(float(p), 6) for p in row],
+        })
+    return replies

@@ -1,0 +1,167 @@
+"""Run real TorchServe on loopback: write config.properties, start, wait for ready, stop by pid.
+
+Each server gets its own home directory (working dir, logs, TMPDIR/TEMP for the pid
+file and worker sockets), so several instances never collide. Readiness means a worker
+READY for every model, not /ping, which answers Healthy while workers crash-loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    """TorchServe did not start, get ready or stop as expected."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    home: Path = Path("runs/torchserve")  # working dir: logs/, tmp/ (pid file, sockets)
+    model_store: Path = Path("runs/torchserve/model-store")  # where the .mar files are
+    capture_dir: Path = Path("captures")  # the capture store the workers write
+    host: str = "127.0.0.1"  # loopback only; put a proxy in front to expose it
+    inference_port: int = 8080
+    management_port: int = 8081
+    metrics_port: int = 8082
+    max_request_size: int = 6_553_500
+    # Token auth off by default: both APIs are bound to loopback (see README, Serving).
+    token_auth: bool = False
+    extra_properties: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tmp(self) -> Path:
+        return self.home / "tmp"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.tmp / ".model_server.pid"
+
+    def url(self, api: str) -> str:
+        port = {"inference": self.inference_port, "management": self.management_port,
+                "metrics": self.metrics_port}[api]
+        return f"http://{self.host}:{port}"
+
+
+def write_config(cfg: ServerConfig) -> Path:
+    props = {
+        "inference_address": cfg.url("inference"),
+        "management_address": cfg.url("management"),
+        "metrics_address": cfg.url("metrics"),
+        "model_store": str(cfg.model_store.resolve()),
+        "disable_token_authorization": str(not cfg.token_auth).lower(),
+        "enable_model_api": "true",  # register/unregister versions (loopback only)
+        "metrics_mode": "prometheus",
+        "max_request_size": str(cfg.max_request_size),
+        "default_workers_per_model": "1",  # 2 workers were slower than 1 on 2 cores
+        **cfg.extra_properties,
+    }
+    path = cfg.home / "config.properties"
+    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    return path
+
+
+def _env(cfg: ServerConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(TMPDIR=str(cfg.tmp.resolve()), TEMP=str(cfg.tmp.resolve()),
+               VISIONLOOP_CAPTURE_DIR=str(cfg.capture_dir.resolve()))
+    return env
+
+
+def read_pid(cfg: ServerConfig) -> int | None:
+    try:
+        pid = int(cfg.pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    return pid
+
+
+def get_json(url: str, timeout: float = 5.0) -> object:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def workers_ready(cfg: ServerConfig, model: str) -> bool:
+    try:
+        described = get_json(f"{cfg.url('management')}/models/{model}/all")
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return any(w.get("status") == "READY" for d in described for w in d.get("workers", []))
+
+
+def wait_ready(cfg: ServerConfig, models: list[str], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if read_pid(cfg) is None:
+            raise ServerError(f"TorchServe exited during start-up; see {cfg.home / 'logs'}")
+        if all(workers_ready(cfg, m) for m in models):
+            return
+        time.sleep(0.5)
+    raise ServerError(f"no READY worker for {models} after {timeout:.0f}s; "
+                      f"see {cfg.home / 'logs' / 'model_log.log'}")
+
+
+def start(cfg: ServerConfig, models: dict[str, str], timeout: float = 120.0) -> int:
+    """Start TorchServe with {model name: .mar file in model_store}; returns the Java pid."""
+    if read_pid(cfg) is not None:
+        raise ServerError(f"TorchServe already runs from {cfg.home} (pid {read_pid(cfg)})")
+    cfg.tmp.mkdir(parents=True, exist_ok=True)
+    cfg.capture_dir.mkdir(parents=True, exist_ok=True)
+    config = write_config(cfg)
+    cmd = [str(Path(sys.executable).with_name("torchserve")), "--start", "--ncs",
+           "--ts-config", str(config.resolve()), "--model-store", str(cfg.model_store.resolve())]
+    if models:
+        cmd += ["--models", *(f"{name}={mar}" for name, mar in models.items())]
+    log.info("starting TorchServe: %s", " ".join(cmd))
+    with open(cfg.home / "torchserve.out", "ab") as out:
+        subprocess.run(cmd, cwd=cfg.home, env=_env(cfg), stdout=out, stderr=subprocess.STDOUT,
+                       check=True)
+    deadline = time.monotonic() + 30
+    while read_pid(cfg) is None:
+        if time.monotonic() > deadline:
+            raise ServerError(f"TorchServe wrote no pid file; see {cfg.home / 'torchserve.out'}")
+        time.sleep(0.2)
+    wait_ready(cfg, list(models), timeout)
+    return read_pid(cfg)
+
+
+def stop(cfg: ServerConfig, timeout: float = 30.0) -> bool:
+    """SIGTERM the Java process and wait for it to exit (SIGKILL after timeout)."""
+    pid = read_pid(cfg)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if read_pid(cfg) is None:
+            return True
+        time.sleep(0.2)
+    log.warning("TorchServe pid %d ignored SIGTERM for %.0fs; killing it", pid, timeout)
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def status(cfg: ServerConfig) -> dict:
+    pid = read_pid(cfg)
+    result: dict = {"running": pid is not None, "pid": pid, "home": str(cfg.home)}
+    if pid is not None:
+        try:
+            result["models"] = get_json(f"{cfg.url('management')}/models")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            result["models_error"] = str(exc)
+    return result

@@ -1,0 +1,132 @@
+"""The serving request path and capture store, without a server."""
+
+import io
+import json
+import math
+import multiprocessing
+import sqlite3
+
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from serving.capture import CapturePolicy, CaptureStore, image_path
+from serving.inference import BadInput, Limits, decode, postprocess, uncertainty
+from tests.test_manifest_store import make_manifest
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_decode_real_photos_in_several_formats():
+    photo = Image.fromarray(skdata.astronaut())
+    for fmt, channels in (("JPEG", 3), ("PNG", 3), ("WEBP", 3), ("GIF", 3)):
+        tensor = decode(encode(photo, fmt))
+        assert tensor.dtype == torch.uint8 and tensor.shape[1:] == (512, 512), fmt
+        assert tensor.shape[0] in (channels, 1, 4)
+    assert decode(encode(photo.convert("L"), "PNG")).shape == (1, 512, 512)
+
+
+@pytest.mark.parametrize("body, status, reason", [
+    (b"", 400, "empty request body"),
+    (None, 400, "empty request body"),
+    (b"GIF89a but not really", 400, "not a readable image"),
+    (b"%PDF-1.4 a document", 400, "not a readable image"),
+])
+def test_decode_refuses_non_images(body, status, reason):
+    with pytest.raises(BadInput, match=reason) as err:
+        decode(body)
+    assert err.value.status == status
+
+
+def test_decode_refuses_truncated_bombs_and_oversize():
+    jpeg = encode(Image.fromarray(skdata.coffee()), "JPEG")
+    png = encode(Image.fromarray(skdata.coffee()), "PNG")
+    for truncated in (png[: len(png) // 2], jpeg[:200]):
+        with pytest.raises(BadInput) as err:
+            decode(truncated)
+        assert err.value.status == 400
+    bomb = encode(Image.new("L", (20000, 20000)), "PNG")  # 400 Mpx, ~400 KB on the wire
+    with pytest.raises(BadInput, match="too large|pixels") as err:
+        decode(bomb)
+    assert err.value.status == 413
+    with pytest.raises(BadInput, match="limit is 1000") as err:
+        decode(jpeg, Limits(max_bytes=1000))
+    assert err.value.status == 413
+
+
+def test_postprocess_calibrates_with_the_manifest_temperature():
+    manifest = make_manifest(temperature=2.0)  # classes ("a", "b")
+    reply = postprocess(torch.tensor([[2.0, 0.0]]), manifest, top_k=5)[0]
+    expected = 1 / (1 + math.exp(-1.0))  # softmax([2, 0] / 2)
+    assert reply["predictions"][0] == {"label": "a", "probability": pytest.approx(expected)}
+    assert len(reply["predictions"]) == 2 and reply["version"] == "v1"
+    assert reply["uncertainty"]["margin"] == pytest.approx(2 * expected - 1, abs=1e-6)
+
+
+def test_uncertainty_scores_at_the_extremes():
+    certain = uncertainty(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert certain == {"max_prob": 1.0, "margin": 1.0, "entropy": pytest.approx(0.0, abs=1e-6)}
+    flat = uncertainty(torch.full((4,), 0.25))
+    assert flat["entropy"] == pytest.approx(1.0) and flat["margin"] == 0.0
+
+
+def reply(max_prob: float) -> dict:
+    return {"model": "fm", "version": "v1", "predictions": [{"label": "a"}],
+            "probabilities": [max_prob, 1 - max_prob],
+            "uncertainty": {"max_prob": max_prob, "margin": 2 * max_prob - 1, "entropy": 0.5}}
+
+
+def test_capture_keeps_only_uncertain_predictions_content_addressed(tmp_path):
+    store = CaptureStore(tmp_path, CapturePolicy(max_confidence=0.7))
+    assert store.maybe_capture(b"img-1", "r1", reply(0.55))
+    assert not store.maybe_capture(b"img-2", "r2", reply(0.95))
+    assert store.maybe_capture(b"img-1", "r3", reply(0.6))  # same image, second request
+    rows = sqlite3.connect(tmp_path / "captures.sqlite3").execute(
+        "SELECT request_id, image_sha256, probabilities FROM captures ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == ["r1", "r3"] and rows[0][1] == rows[1][1]
+    assert image_path(tmp_path, rows[0][1]).read_bytes() == b"img-1"
+    assert json.loads(rows[0][2]) == pytest.approx([0.55, 0.45])
+    assert len(list((tmp_path / "images").rglob("*"))) == 2  # one folder, one file
+
+
+def test_capture_rate_cap_and_errors_never_raise(tmp_path):
+    store = CaptureStore(tmp_path / "ok", CapturePolicy(per_minute=3))
+    results = [store.maybe_capture(bytes([i]), f"r{i}", reply(0.5)) for i in range(5)]
+    assert results == [True, True, True, False, False]
+    assert store.counts == {"captured": 3, "dropped_rate_limit": 2, "errors": 0}
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the capture directory should be")
+    broken = CaptureStore(blocked)
+    assert broken.maybe_capture(b"x", "r", reply(0.5)) is False
+    assert broken.counts["errors"] == 1
+
+
+def test_image_path_refuses_anything_but_a_digest(tmp_path):
+    for bad in ("../../etc/passwd", "ab" * 31 + "/x", "Z" * 64):
+        with pytest.raises(ValueError, match="not a sha256"):
+            image_path(tmp_path, bad)
+
+
+def _writer(root: str, worker: int, count: int) -> None:
+    store = CaptureStore(root, CapturePolicy(per_minute=10_000))
+    for i in range(count):
+        assert store.maybe_capture(f"{worker}-{i}".encode(), f"{worker}-{i}", reply(0.5))
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    """Several worker processes capture at once (WAL): every row arrives, integrity holds."""
+    processes = [multiprocessing.Process(target=_writer, args=(str(tmp_path), w, 50))
+                 for w in range(4)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(60)
+        assert p.exitcode == 0
+    conn = sqlite3.connect(tmp_path / "captures.sqlite3")
+    assert conn.execute("SELECT count(DISTINCT request_id) FROM captures").fetchone()[0] == 200
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

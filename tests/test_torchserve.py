@@ -1,0 +1,157 @@
+"""Against a real TorchServe started here, on loopback, serving the trained test model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+import sqlite3
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from serving import server
+from serving.archive import package
+from serving.capture import image_path
+from trainer.data import load_image_tensor
+from trainer.models import build_model
+from visionloop.manifest import ModelManifest
+from visionloop.preprocess import preprocess_image
+
+pytestmark = pytest.mark.slow
+BACKENDS = ("torchscript", "onnx")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def torchserve(trained_version: Path, tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("torchserve")
+    cfg = server.ServerConfig(home=home, model_store=home / "mars", capture_dir=home / "captures",
+                              inference_port=free_port(), management_port=free_port(),
+                              metrics_port=free_port())
+    models = {f"fm_{b}": package(trained_version, cfg.model_store, b, batch_size=8).name
+              for b in BACKENDS}
+    pid = server.start(cfg, models)
+    yield cfg
+    assert server.stop(cfg)
+    with pytest.raises(ProcessLookupError):
+        import os
+
+        os.kill(pid, 0)  # Java is gone, not orphaned
+
+
+def predict(cfg: server.ServerConfig, model: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{cfg.url('inference')}/predictions/{model}", data=body,
+                                     method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        try:
+            return exc.code, json.loads(text)
+        except json.JSONDecodeError:
+            return exc.code, {"raw": text.decode(errors="replace")}
+
+
+def test_served_predictions_equal_the_in_process_model(torchserve, trained_version,
+                                                       small_scenario):
+    manifest = ModelManifest.load(trained_version)
+    eager = build_model(manifest.arch, len(manifest.classes), "none").model.eval()
+    eager.load_state_dict(torch.load(trained_version / "weights.pt", weights_only=True))
+    files = sorted((small_scenario / "test").rglob("*.png"))[::50]
+    batch = torch.stack([preprocess_image(load_image_tensor(f), manifest.preprocessing)
+                         for f in files])
+    with torch.no_grad():
+        expected = torch.softmax(eager(batch) / manifest.temperature, dim=1)
+    for backend in BACKENDS:
+        for path, probs in zip(files, expected, strict=True):
+            status, reply = predict(torchserve, f"fm_{backend}", path.read_bytes())
+            assert status == 200, reply
+            served = torch.tensor(reply["probabilities"])
+            assert (served - probs).abs().max().item() <= 1e-4, (backend, path.name)
+            assert reply["predictions"][0]["label"] == manifest.classes[int(probs.argmax())]
+            assert reply["version"] == manifest.version
+            assert reply["backend"].startswith("torchscript:" if backend == "torchscript"
+                                               else "onnxruntime:")
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_bad_input_is_a_4xx_and_the_worker_keeps_serving(torchserve, small_scenario):
+    good = next((small_scenario / "test" / "bag").iterdir()).read_bytes()
+    jpeg = io.BytesIO()
+    Image.fromarray(skdata.chelsea()).save(jpeg, "JPEG")
+    bad_inputs = {
+        "empty body": b"",
+        "not an image": b"hello, this is text",
+        "truncated JPEG": jpeg.getvalue()[:300],
+        "20000x20000 PNG": _png(Image.new("L", (20000, 20000))),
+    }
+    for backend in BACKENDS:
+        for label, body in bad_inputs.items():
+            status, reply = predict(torchserve, f"fm_{backend}", body)
+            assert 400 <= status < 500, (backend, label, status, reply)
+            status, reply = predict(torchserve, f"fm_{backend}", good)
+            assert status == 200, (backend, label, reply)
+        assert oversize_status(torchserve, f"fm_{backend}", 7_000_000) == 413
+        assert predict(torchserve, f"fm_{backend}", good)[0] == 200
+
+
+def oversize_status(cfg: server.ServerConfig, model: str, size: int) -> int:
+    """A body over max_request_size, sent as curl does (Expect: 100-continue): TorchServe
+    refuses it with 413 before the upload. (A client that streams the whole body without
+    waiting sees the 413 followed by a connection reset.)"""
+    with socket.create_connection(("127.0.0.1", cfg.inference_port), timeout=30) as conn:
+        conn.sendall(f"POST /predictions/{model} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Content-Type: application/octet-stream\r\nContent-Length: {size}\r\n"
+                     "Expect: 100-continue\r\n\r\n".encode())
+        status_line = conn.recv(4096).split(b"\r\n", 1)[0].decode()
+    return int(status_line.split()[1])
+
+
+def test_good_and_bad_requests_in_one_batch_get_their_own_status(torchserve, small_scenario):
+    good = [p.read_bytes() for p in sorted((small_scenario / "test").rglob("*.png"))[:12]]
+    bodies = [b if i % 3 else b"garbage" for i, b in enumerate(good)]
+    with ThreadPoolExecutor(max_workers=12) as pool:  # concurrent: TorchServe batches them
+        results = list(pool.map(lambda body: predict(torchserve, "fm_onnx", body), bodies))
+    for i, (status, reply) in enumerate(results):
+        assert status == (200 if i % 3 else 400), (i, reply)
+
+
+def test_uncertain_predictions_are_in_the_capture_store(torchserve, small_scenario):
+    db = torchserve.capture_dir / "captures.sqlite3"
+    before = sqlite3.connect(db).execute("SELECT count(*) FROM captures").fetchone()[0]
+    captured = []
+    for path in sorted((small_scenario / "pool").iterdir())[:40]:
+        status, reply = predict(torchserve, "fm_torchscript", path.read_bytes())
+        assert status == 200
+        assert reply["captured"] == (reply["uncertainty"]["max_prob"] < 0.7)
+        if reply["captured"]:
+            captured.append(path.read_bytes())
+    assert captured, "no pool image was uncertain enough to capture"
+    conn = sqlite3.connect(db)
+    after = conn.execute("SELECT count(*) FROM captures").fetchone()[0]
+    assert after - before == len(captured)
+    for body in captured:
+        sha = hashlib.sha256(body).hexdigest()
+        assert image_path(torchserve.capture_dir, sha).read_bytes() == body
+        assert conn.execute("SELECT max_prob < 0.7 FROM captures WHERE image_sha256 = ?",
+                            (sha,)).fetchone() == (1,)
