@@ -44,6 +44,27 @@ def run_package(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
+    add_package_arguments(parser)
+    parser.add_argument("--home", type=Path, default=ServerConfig.home)
+    parser.add_argument("--management-port", type=int, default=ServerConfig.management_port)
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    """Package VERSION into the running server's model store and make it the default."""
+    from serving.archive import mar_name
+    from serving.promote import promote
+
+    run_package(args)
+    version_dir = _resolve(args.store, args.name, args.version)
+    cfg = ServerConfig(home=args.home, model_store=args.export_path,
+                       management_port=args.management_port)
+    old = promote(cfg, args.name, version_dir.name,
+                  mar_name(args.name, version_dir.name, args.backend))
+    print(f"{args.name}: {version_dir.name} is the default" + (f", {old} removed" if old else ""))
+    return 0
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("start", "stop", "status"))
     parser.add_argument("--home", type=Path, default=ServerConfig.home)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import socket
 import sqlite3
 import urllib.error
@@ -155,3 +156,54 @@ def test_uncertain_predictions_are_in_the_capture_store(torchserve, small_scenar
         assert image_path(torchserve.capture_dir, sha).read_bytes() == body
         assert conn.execute("SELECT max_prob < 0.7 FROM captures WHERE image_sha256 = ?",
                             (sha,)).fetchone() == (1,)
+
+
+def test_promotion_under_load_drops_no_request(trained_version, small_scenario, tmp_path):
+    """v1 serves under continuous load from 4 clients; v2 is promoted; zero failures."""
+    import threading
+    import time
+
+    from serving.promote import promote
+    from trainer.config import TrainConfig
+    from trainer.train import run_training
+
+    store = tmp_path / "store"
+    shutil.copytree(trained_version, store / "fm" / "v1")
+    v2 = run_training(TrainConfig(data=str(small_scenario), out=str(store), name="fm",
+                                  parent="v1", epochs=1, freeze_epochs=0, num_workers=0,
+                                  show_progress=False, work_dir=str(tmp_path / "runs")))
+    cfg = server.ServerConfig(home=tmp_path / "ts", model_store=tmp_path / "mars",
+                              capture_dir=tmp_path / "captures", inference_port=free_port(),
+                              management_port=free_port(), metrics_port=free_port())
+    (tmp_path / "ts").mkdir()
+    v1_mar = package(store / "fm" / "v1", cfg.model_store, "onnx").name
+    v2_mar = package(v2, cfg.model_store, "onnx").name
+    body = next((small_scenario / "test" / "coat").iterdir()).read_bytes()
+    server.start(cfg, {"fm": v1_mar})
+    outcomes: list[tuple[int, str]] = []
+    stop_load = threading.Event()
+
+    def client() -> None:
+        while not stop_load.is_set():
+            status, reply = predict(cfg, "fm", body)
+            outcomes.append((status, reply.get("version", "")))
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    try:
+        for c in clients:
+            c.start()
+        time.sleep(2)
+        assert promote(cfg, "fm", "v2", v2_mar) == "v1"
+        time.sleep(2)
+    finally:
+        stop_load.set()
+        for c in clients:
+            c.join(60)
+        server.stop(cfg)
+    failures = [o for o in outcomes if o[0] != 200]
+    assert not failures, f"{len(failures)} of {len(outcomes)} requests failed: {failures[:5]}"
+    versions_seen = [v for _, v in outcomes]
+    assert versions_seen[0] == "v1" and versions_seen[-1] == "v2"
+    assert len(outcomes) > 20
+    print(f"promotion under load: {len(outcomes)} requests, {versions_seen.count('v1')} "
+          f"answered by v1, {versions_seen.count('v2')} by v2, 0 failed")

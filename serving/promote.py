@@ -1,0 +1,88 @@
+"""Zero-downtime promotion of a new model version in a running TorchServe.
+
+register new version -> wait for a READY worker -> set it default -> drain the old
+version (no pending requests) -> unregister it. Deleting a version that still has
+requests in flight leaves those requests without any answer, hence the drain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from serving.server import ServerConfig, ServerError, get_json, workers_ready
+
+log = logging.getLogger(__name__)
+
+
+def management(cfg: ServerConfig, method: str, path: str, timeout: float = 120.0) -> dict:
+    request = urllib.request.Request(f"{cfg.url('management')}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        raise ServerError(f"{method} {path} -> {exc.code}: {exc.read().decode()[:500]}") from exc
+
+
+def versions(cfg: ServerConfig, model: str) -> list[dict]:
+    try:
+        return list(get_json(f"{cfg.url('management')}/models/{model}/all"))
+    except urllib.error.HTTPError:
+        return []
+
+
+def default_version(cfg: ServerConfig, model: str) -> str | None:
+    for described in versions(cfg, model):
+        if described.get("isDefault") or described.get("default"):
+            return described["modelVersion"]
+    # Older responses lack the flag: the plain description is the default version.
+    described = get_json(f"{cfg.url('management')}/models/{model}")
+    return described[0]["modelVersion"] if described else None
+
+
+def pending_requests(cfg: ServerConfig, model: str, version: str) -> int:
+    described = get_json(f"{cfg.url('management')}/models/{model}/{version}")
+    return int(described[0]["jobQueueStatus"]["pendingRequests"])
+
+
+def drain(cfg: ServerConfig, model: str, version: str, timeout: float = 30.0) -> None:
+    """Wait until the version has had no pending requests for two consecutive looks."""
+    deadline, quiet = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        quiet = quiet + 1 if pending_requests(cfg, model, version) == 0 else 0
+        if quiet >= 2:
+            return
+        time.sleep(0.25)
+    raise ServerError(f"{model} {version} still had pending requests after {timeout:.0f}s")
+
+
+def promote(cfg: ServerConfig, model: str, version: str, mar_file: str,
+            timeout: float = 120.0) -> str | None:
+    """Make `version` (packaged as mar_file in the server's model store) the default.
+    Returns the version it replaced (now unregistered), or None."""
+    old = default_version(cfg, model) if versions(cfg, model) else None
+    if old == version:
+        raise ServerError(f"{model} {version} is already the default version")
+    query = urllib.parse.urlencode({"url": mar_file, "initial_workers": 1, "synchronous": "true"})
+    management(cfg, "POST", f"/models?{query}", timeout)
+    deadline = time.monotonic() + timeout
+    while not any(d["modelVersion"] == version and any(w.get("status") == "READY"
+                                                       for w in d.get("workers", []))
+                  for d in versions(cfg, model)):
+        if time.monotonic() > deadline:
+            management(cfg, "DELETE", f"/models/{model}/{version}")
+            raise ServerError(f"{model} {version} registered but no worker got READY; removed")
+        time.sleep(0.5)
+    management(cfg, "PUT", f"/models/{model}/{version}/set-default")
+    log.info("%s: default is now %s", model, version)
+    if old is not None:
+        drain(cfg, model, old)
+        management(cfg, "DELETE", f"/models/{model}/{old}")
+        log.info("%s: unregistered %s after draining it", model, old)
+    if not workers_ready(cfg, model):
+        raise ServerError(f"{model} has no READY worker after promoting {version}")
+    return old
