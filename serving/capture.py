@@ -5,7 +5,8 @@ Layout under the capture directory:
     captures.sqlite3               one row per captured prediction (WAL: many writers)
 
 A capture is committed before the reply leaves the worker, so a worker killed after
-replying loses nothing. Capture never fails or blocks a request: any error (full disk,
+replying loses nothing (durability is against process death, not power loss).
+Capture never fails or blocks a request: any error (full disk,
 locked database) is logged and counted, and the request goes on.
 """
 
@@ -101,10 +102,10 @@ class CaptureStore:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{sha}.{os.getpid()}.{threading.get_ident()}.tmp")
+            # No fsync: like the WAL commit (synchronous=NORMAL) the file survives the worker
+            # being killed (it is in the OS page cache); neither is promised across power loss.
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, path)
         return sha
 

@@ -1,0 +1,163 @@
+"""TorchServe end to end against the same model and preprocessing in-process, in one run.
+
+For TorchScript and ONNX, batch 1 and batch 8 (TorchServe batching, 10 ms delay), at
+concurrency 1, 8 and 32: throughput and p50/p99 latency of real PNG requests on
+loopback, as a ratio to the in-process pipeline (decode -> preprocess -> infer ->
+postprocess, same functions the handler calls). Then the capture store's overhead: the
+same ONNX batch-8 server with every request captured against none captured.
+The load generator runs on the same machine as the server: on a 2-core box it takes
+CPU from the server, which the ratios include.
+
+    python -m bench.serving [--version-dir model_store/fashion/v1 --seconds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from serving import server
+from serving.archive import package
+from serving.backends import load_backend
+from serving.capture import CapturePolicy
+from serving.handler import ServingConfig
+from serving.inference import decode, postprocess, preprocess_batch
+from trainer import fashion_mnist
+from visionloop.manifest import ModelManifest
+from visionloop.store import ModelStore
+
+NO_CAPTURE = CapturePolicy(max_confidence=None)
+CAPTURE_ALL = CapturePolicy(max_confidence=1.01, per_minute=1_000_000)
+
+
+def real_pngs(count: int) -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    images = fashion_mnist.read_idx(fashion_mnist.DEBIAN_DIR / "t10k-images-idx3-ubyte.gz")
+    out = []
+    for array in images[:count]:
+        buffer = io.BytesIO()
+        Image.fromarray(array, mode="L").save(buffer, "PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def in_process(version_dir: Path, artifact: str, bodies: list[bytes], batch: int,
+               seconds: float) -> float:
+    manifest = ModelManifest.load(version_dir)
+    backend = load_backend(version_dir / artifact, gpu_id=None)
+    done, start, i = 0, time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        chunk = [bodies[(i + k) % len(bodies)] for k in range(batch)]
+        images = [decode(b) for b in chunk]
+        postprocess(backend(preprocess_batch(images, manifest)), manifest)
+        done, i = done + batch, i + batch
+    return done / (time.perf_counter() - start)
+
+
+def load(cfg: server.ServerConfig, model: str, bodies: list[bytes], concurrency: int,
+         seconds: float) -> dict:
+    latencies: list[float] = []
+    errors = [0]
+    stop_at = time.perf_counter() + seconds
+    lock = threading.Lock()
+
+    def client(offset: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", cfg.inference_port, timeout=60)
+        i = offset
+        while time.perf_counter() < stop_at:
+            sent = time.perf_counter()
+            conn.request("POST", f"/predictions/{model}", body=bodies[i % len(bodies)],
+                         headers={"Content-Type": "application/octet-stream"})
+            response = conn.getresponse()
+            response.read()
+            with lock:
+                latencies.append(time.perf_counter() - sent)
+                errors[0] += response.status != 200
+            i += concurrency
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"img_s": len(latencies) / elapsed, "errors": errors[0],
+            "p50_ms": 1000 * latencies[len(latencies) // 2],
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version-dir", type=Path, default=None,
+                        help="default: the latest version of 'fashion' in model_store/")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--images", type=int, default=256)
+    args = parser.parse_args()
+    version_dir = args.version_dir or ModelStore("model_store").version_dir(
+        "fashion", ModelStore("model_store").latest_version("fashion") or "v1")
+    bodies = real_pngs(args.images)
+    artifacts = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        home = Path(tmp)
+        cfg = server.ServerConfig(home=home, model_store=home / "mars",
+                                  capture_dir=home / "captures", inference_port=18480,
+                                  management_port=18481, metrics_port=18482)
+        models = {}  # name -> flat .mar file (TorchServe does not load from subfolders)
+        for backend in artifacts:
+            for batch in (1, 8):
+                mar = package(version_dir, cfg.model_store, backend, batch_size=batch,
+                              serving=ServingConfig(capture=NO_CAPTURE))
+                name = f"{backend}_b{batch}"
+                models[name] = mar.rename(mar.with_name(f"{name}.mar")).name
+        for label, policy in (("capture_all", CAPTURE_ALL), ("capture_none", NO_CAPTURE)):
+            mar = package(version_dir, cfg.model_store, "onnx", batch_size=8,
+                          serving=ServingConfig(capture=policy))
+            models[label] = mar.rename(mar.with_name(f"{label}.mar")).name
+        server.start(cfg, models, timeout=300)
+        try:
+            report(cfg, version_dir, artifacts, bodies, args.seconds)
+        finally:
+            server.stop(cfg)
+
+
+def report(cfg: server.ServerConfig, version_dir: Path, artifacts: dict[str, str],
+           bodies: list[bytes], seconds: float) -> None:
+    print(f"model {version_dir}, {len(bodies)} real Fashion-MNIST PNGs, {seconds:.0f}s per cell, "
+          f"{torch.get_num_threads()} torch threads, client on the same machine")
+    print("| backend | batch | in-process img/s | concurrency | served img/s | ratio | "
+          "p50 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for backend, artifact in artifacts.items():
+        for batch in (1, 8):
+            base = in_process(version_dir, artifact, bodies, batch, seconds)
+            for concurrency in (1, 8, 32):
+                r = load(cfg, f"{backend}_b{batch}", bodies, concurrency, seconds)
+                print(f"| {backend} | {batch} | {base:.0f} | {concurrency} | {r['img_s']:.0f} | "
+                      f"{r['img_s'] / base:.2f}x | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                      f"{r['errors']} |")
+    runs = {label: [] for label in ("capture_none", "capture_all")}
+    for _ in range(3):  # alternate, so drift hits both
+        for label in runs:
+            runs[label].append(load(cfg, label, bodies, 8, seconds)["img_s"])
+    off, on = statistics.median(runs["capture_none"]), statistics.median(runs["capture_all"])
+    print(f"\ncapture overhead (ONNX, batch 8, concurrency 8, every request captured vs none, "
+          f"median of 3): {off:.0f} -> {on:.0f} img/s = {100 * (1 - on / off):.1f}% "
+          f"(goal < 5%)")
+
+
+if __name__ == "__main__":
+    main()
