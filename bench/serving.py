@@ -106,6 +106,8 @@ def main() -> None:
                         help="default: the latest version of 'fashion' in model_store/")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--capture-only", action="store_true",
+                        help="measure only the capture overhead")
     args = parser.parse_args()
     version_dir = args.version_dir or ModelStore("model_store").version_dir(
         "fashion", ModelStore("model_store").latest_version("fashion") or "v1")
@@ -129,7 +131,9 @@ def main() -> None:
             models[label] = mar.rename(mar.with_name(f"{label}.mar")).name
         server.start(cfg, models, timeout=300)
         try:
-            report(cfg, version_dir, artifacts, bodies, args.seconds)
+            if not args.capture_only:
+                report(cfg, version_dir, artifacts, bodies, args.seconds)
+            capture_overhead(cfg, bodies, args.seconds)
         finally:
             server.stop(cfg)
 
@@ -149,7 +153,10 @@ def report(cfg: server.ServerConfig, version_dir: Path, artifacts: dict[str, str
                 print(f"| {backend} | {batch} | {base:.0f} | {concurrency} | {r['img_s']:.0f} | "
                       f"{r['img_s'] / base:.2f}x | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                       f"{r['errors']} |")
-    runs = {label: [] for label in ("capture_none", "capture_all")}
+
+
+def capture_overhead(cfg: server.ServerConfig, bodies: list[bytes], seconds: float) -> None:
+    runs: dict[str, list[float]] = {"capture_none": [], "capture_all": []}
     for _ in range(3):  # alternate, so drift hits both
         for label in runs:
             runs[label].append(load(cfg, label, bodies, 8, seconds)["img_s"])

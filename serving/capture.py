@@ -109,29 +109,53 @@ class CaptureStore:
             os.replace(tmp, path)
         return sha
 
-    def maybe_capture(self, data: bytes, request_id: str, reply: dict) -> bool:
-        """Store the prediction if the policy says it is uncertain; never raises."""
-        if not self.policy.is_uncertain(reply["uncertainty"]):
-            return False
+    def _row(self, data: bytes, request_id: str, reply: dict) -> tuple:
+        scores = reply["uncertainty"]
+        return (request_id, self._write_image(data), reply["model"], reply["version"],
+                reply["predictions"][0]["label"], json.dumps(reply["probabilities"]),
+                scores["max_prob"], scores["margin"], scores["entropy"],
+                datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+
+    def _insert(self, rows: list[tuple]) -> None:
+        """All rows of a batch in one transaction: one WAL commit instead of one per image."""
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            conn.executemany(
+                "INSERT INTO captures (request_id, image_sha256, model_name, model_version,"
+                " predicted, probabilities, max_prob, margin, entropy, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def capture_batch(self, items: list[tuple[bytes, str, dict]]) -> list[bool]:
+        """(image bytes, request id, reply) per request -> captured or not; never raises."""
+        captured = [False] * len(items)
         with self._lock:
-            if not self._within_rate():
-                self.counts["dropped_rate_limit"] += 1
-                return False
+            chosen = []
+            for i, (_, _, reply) in enumerate(items):
+                if not self.policy.is_uncertain(reply["uncertainty"]):
+                    continue
+                if self._within_rate():
+                    chosen.append(i)
+                else:
+                    self.counts["dropped_rate_limit"] += 1
+            if not chosen:
+                return captured
             try:
-                sha = self._write_image(data)
-                scores = reply["uncertainty"]
-                self._connection().execute(
-                    "INSERT INTO captures (request_id, image_sha256, model_name, model_version,"
-                    " predicted, probabilities, max_prob, margin, entropy, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (request_id, sha, reply["model"], reply["version"],
-                     reply["predictions"][0]["label"], json.dumps(reply["probabilities"]),
-                     scores["max_prob"], scores["margin"], scores["entropy"],
-                     datetime.now(timezone.utc).isoformat(timespec="milliseconds")))
+                self._insert([self._row(*items[i]) for i in chosen])
             except (OSError, sqlite3.Error, ValueError) as exc:
-                self.counts["errors"] += 1
-                log.error("capture of request %s failed (the reply still goes out): %s",
-                          request_id, exc)
-                return False
-            self.counts["captured"] += 1
-            return True
+                self.counts["errors"] += len(chosen)
+                log.error("capture of %d predictions failed (the replies still go out): %s",
+                          len(chosen), exc)
+                return captured
+            self.counts["captured"] += len(chosen)
+            for i in chosen:
+                captured[i] = True
+            return captured
+
+    def maybe_capture(self, data: bytes, request_id: str, reply: dict) -> bool:
+        """Store one prediction if the policy says it is uncertain; never raises."""
+        return self.capture_batch([(data, request_id, reply)])[0]

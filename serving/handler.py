@@ -69,13 +69,14 @@ class VisionloopHandler:
                 replies[i] = {"error": exc.reason, "status": exc.status}
         if images:
             logits = self.backend(preprocess_batch(images, self.manifest))
-            for i, body, reply in zip(good, bodies,
-                                      postprocess(logits, self.manifest, self.config.top_k),
-                                      strict=True):
+            answered = postprocess(logits, self.manifest, self.config.top_k)
+            if self.capture is not None:
+                ids = [context.get_request_id(i) or uuid.uuid4().hex for i in good]
+                flags = self.capture.capture_batch(list(zip(bodies, ids, answered, strict=True)))
+                for reply, flag in zip(answered, flags, strict=True):
+                    reply["captured"] = flag
+            for i, reply in zip(good, answered, strict=True):
                 reply["backend"] = self.backend.name
-                if self.capture is not None:
-                    request_id = context.get_request_id(i) or uuid.uuid4().hex
-                    reply["captured"] = self.capture.maybe_capture(body, request_id, reply)
                 replies[i] = reply
         return [json.dumps(r) for r in replies]
 

@@ -130,3 +130,14 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     conn = sqlite3.connect(tmp_path / "captures.sqlite3")
     assert conn.execute("SELECT count(DISTINCT request_id) FROM captures").fetchone()[0] == 200
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_capture_batch_marks_exactly_the_uncertain_ones(tmp_path):
+    store = CaptureStore(tmp_path, CapturePolicy(max_confidence=0.7, per_minute=2))
+    items = [(b"a", "r1", reply(0.9)), (b"b", "r2", reply(0.5)), (b"c", "r3", reply(0.6)),
+             (b"d", "r4", reply(0.4))]
+    assert store.capture_batch(items) == [False, True, True, False]  # r4: over the rate cap
+    assert store.counts == {"captured": 2, "dropped_rate_limit": 1, "errors": 0}
+    ids = [r[0] for r in sqlite3.connect(tmp_path / "captures.sqlite3").execute(
+        "SELECT request_id FROM captures ORDER BY id")]
+    assert ids == ["r2", "r3"]
