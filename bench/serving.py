@@ -117,7 +117,8 @@ def main() -> None:
         home = Path(tmp)
         cfg = server.ServerConfig(home=home, model_store=home / "mars",
                                   capture_dir=home / "captures", inference_port=18480,
-                                  management_port=18481, metrics_port=18482)
+                                  management_port=18481, metrics_port=18482,
+                                  grpc_inference_port=18483, grpc_management_port=18484)
         models = {}  # name -> flat .mar file (TorchServe does not load from subfolders)
         for backend in artifacts:
             for batch in (1, 8):

@@ -75,6 +75,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inference-port", type=int, default=ServerConfig.inference_port)
     parser.add_argument("--management-port", type=int, default=ServerConfig.management_port)
     parser.add_argument("--metrics-port", type=int, default=ServerConfig.metrics_port)
+    parser.add_argument("--grpc-inference-port", type=int,
+                        default=ServerConfig.grpc_inference_port)
+    parser.add_argument("--grpc-management-port", type=int,
+                        default=ServerConfig.grpc_management_port)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -82,7 +86,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     cfg = ServerConfig(home=args.home, model_store=args.model_store, capture_dir=args.capture_dir,
                        inference_port=args.inference_port, management_port=args.management_port,
-                       metrics_port=args.metrics_port)
+                       metrics_port=args.metrics_port,
+                       grpc_inference_port=args.grpc_inference_port,
+                       grpc_management_port=args.grpc_management_port)
     if args.action == "start":
         bad = [m for m in args.model if "=" not in m]
         if bad:

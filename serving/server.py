@@ -35,6 +35,9 @@ class ServerConfig:
     inference_port: int = 8080
     management_port: int = 8081
     metrics_port: int = 8082
+    # TorchServe also serves gRPC (default 7070/7071): each instance needs its own ports.
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
     max_request_size: int = 6_553_500
     # Token auth off by default: both APIs are bound to loopback (see README, Serving).
     token_auth: bool = False
@@ -59,6 +62,10 @@ def write_config(cfg: ServerConfig) -> Path:
         "inference_address": cfg.url("inference"),
         "management_address": cfg.url("management"),
         "metrics_address": cfg.url("metrics"),
+        "grpc_inference_address": cfg.host,
+        "grpc_management_address": cfg.host,
+        "grpc_inference_port": str(cfg.grpc_inference_port),
+        "grpc_management_port": str(cfg.grpc_management_port),
         "model_store": str(cfg.model_store.resolve()),
         "disable_token_authorization": str(not cfg.token_auth).lower(),
         "enable_model_api": "true",  # register/unregister versions (loopback only)

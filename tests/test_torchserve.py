@@ -30,18 +30,24 @@ pytestmark = pytest.mark.slow
 BACKENDS = ("torchscript", "onnx")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_ports() -> dict[str, int]:
+    """Five distinct free loopback ports: HTTP inference/management/metrics and gRPC."""
+    names = ("inference_port", "management_port", "metrics_port", "grpc_inference_port",
+             "grpc_management_port")
+    sockets = [socket.socket() for _ in names]
+    for s in sockets:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ports = {name: s.getsockname()[1] for name, s in zip(names, sockets, strict=True)}
+    for s in sockets:
+        s.close()
+    return ports
 
 
 @pytest.fixture(scope="module")
 def torchserve(trained_version: Path, tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("torchserve")
     cfg = server.ServerConfig(home=home, model_store=home / "mars", capture_dir=home / "captures",
-                              inference_port=free_port(), management_port=free_port(),
-                              metrics_port=free_port())
+                              **free_ports())
     models = {f"fm_{b}": package(trained_version, cfg.model_store, b, batch_size=8).name
               for b in BACKENDS}
     pid = server.start(cfg, models)
@@ -173,8 +179,7 @@ def test_promotion_under_load_drops_no_request(trained_version, small_scenario, 
                                   parent="v1", epochs=1, freeze_epochs=0, num_workers=0,
                                   show_progress=False, work_dir=str(tmp_path / "runs")))
     cfg = server.ServerConfig(home=tmp_path / "ts", model_store=tmp_path / "mars",
-                              capture_dir=tmp_path / "captures", inference_port=free_port(),
-                              management_port=free_port(), metrics_port=free_port())
+                              capture_dir=tmp_path / "captures", **free_ports())
     (tmp_path / "ts").mkdir()
     v1_mar = package(store / "fm" / "v1", cfg.model_store, "onnx").name
     v2_mar = package(v2, cfg.model_store, "onnx").name
