@@ -35,13 +35,9 @@ def versions(cfg: ServerConfig, model: str) -> list[dict]:
         return []
 
 
-def default_version(cfg: ServerConfig, model: str) -> str | None:
-    for described in versions(cfg, model):
-        if described.get("isDefault") or described.get("default"):
-            return described["modelVersion"]
-    # Older responses lack the flag: the plain description is the default version.
-    described = get_json(f"{cfg.url('management')}/models/{model}")
-    return described[0]["modelVersion"] if described else None
+def default_version(cfg: ServerConfig, model: str) -> str:
+    """TorchServe 0.12 has no isDefault flag: describing the bare name describes the default."""
+    return get_json(f"{cfg.url('management')}/models/{model}")[0]["modelVersion"]
 
 
 def pending_requests(cfg: ServerConfig, model: str, version: str) -> int:
