@@ -18,6 +18,7 @@ from typing import Any
 from serving.backends import load_backend
 from serving.capture import CapturePolicy, CaptureStore
 from serving.inference import BadInput, Limits, decode, postprocess, preprocess_batch
+from serving.metrics import emit as emit_metrics
 from visionloop.manifest import ModelManifest
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,15 @@ class VisionloopHandler:
         if images:
             logits = self.backend(preprocess_batch(images, self.manifest))
             answered = postprocess(logits, self.manifest, self.config.top_k)
+            captured, errors = 0, 0
             if self.capture is not None:
                 ids = [context.get_request_id(i) or uuid.uuid4().hex for i in good]
+                errors_before = self.capture.counts["errors"]
                 flags = self.capture.capture_batch(list(zip(bodies, ids, answered, strict=True)))
                 for reply, flag in zip(answered, flags, strict=True):
                     reply["captured"] = flag
+                captured, errors = sum(flags), self.capture.counts["errors"] - errors_before
+            emit_metrics(context.metrics, answered, captured, errors)
             for i, reply in zip(good, answered, strict=True):
                 reply["backend"] = self.backend.name
                 replies[i] = reply

@@ -70,6 +70,7 @@ def write_config(cfg: ServerConfig) -> Path:
         "disable_token_authorization": str(not cfg.token_auth).lower(),
         "enable_model_api": "true",  # register/unregister versions (loopback only)
         "metrics_mode": "prometheus",
+        "model_metrics_auto_detect": "true",  # expose the handler's own metrics (serving.metrics)
         "max_request_size": str(cfg.max_request_size),
         "default_workers_per_model": "1",  # 2 workers were slower than 1 on 2 cores
         **cfg.extra_properties,

@@ -7,7 +7,6 @@ import io
 import json
 import shutil
 import socket
-import sqlite3
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from skimage import data as skdata
 
 from serving import server
 from serving.archive import package
-from serving.capture import image_path
+from serving.capture import connect, image_path
 from trainer.data import load_image_tensor
 from trainer.models import build_model
 from visionloop.manifest import ModelManifest
@@ -145,7 +144,8 @@ def test_good_and_bad_requests_in_one_batch_get_their_own_status(torchserve, sma
 
 def test_uncertain_predictions_are_in_the_capture_store(torchserve, small_scenario):
     db = torchserve.capture_dir / "captures.sqlite3"
-    before = sqlite3.connect(db).execute("SELECT count(*) FROM captures").fetchone()[0]
+    torchserve.capture_dir.mkdir(parents=True, exist_ok=True)
+    before = connect(db).execute("SELECT count(*) FROM captures").fetchone()[0]
     captured = []
     for path in sorted((small_scenario / "pool").iterdir())[:40]:
         status, reply = predict(torchserve, "fm_torchscript", path.read_bytes())
@@ -154,7 +154,7 @@ def test_uncertain_predictions_are_in_the_capture_store(torchserve, small_scenar
         if reply["captured"]:
             captured.append(path.read_bytes())
     assert captured, "no pool image was uncertain enough to capture"
-    conn = sqlite3.connect(db)
+    conn = connect(db)
     after = conn.execute("SELECT count(*) FROM captures").fetchone()[0]
     assert after - before == len(captured)
     for body in captured:
@@ -162,6 +162,15 @@ def test_uncertain_predictions_are_in_the_capture_store(torchserve, small_scenar
         assert image_path(torchserve.capture_dir, sha).read_bytes() == body
         assert conn.execute("SELECT max_prob < 0.7 FROM captures WHERE image_sha256 = ?",
                             (sha,)).fetchone() == (1,)
+    metrics = urllib.request.urlopen(f"{torchserve.url('metrics')}/metrics", timeout=10).read()
+    lines = metrics.decode().splitlines()
+    captured_total = sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                         if line.startswith("CapturedPredictions{")
+                         and 'ModelName="fm_torchscript"' in line)
+    assert captured_total >= len(captured)
+    assert any(line.startswith("PredictionConfidence{") and "ConfidenceBin=" in line
+               and "PredictedClass=" in line for line in lines)
+    assert any(line.startswith("CaptureErrors{") for line in lines)
 
 
 def test_promotion_under_load_drops_no_request(trained_version, small_scenario, tmp_path):

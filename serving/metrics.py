@@ -1,0 +1,34 @@
+"""Our Prometheus metrics, emitted through TorchServe's handler metrics API.
+
+TorchServe's frontend exposes them on the metrics port (metrics_mode=prometheus,
+model_metrics_auto_detect=true) with its default ModelName and Level labels:
+- PredictionConfidence{PredictedClass, ConfidenceBin}: a confidence histogram per predicted
+  class, as counts in ten bins of calibrated max probability ("0.0-0.1" ... "0.9-1.0");
+- CapturedPredictions{ModelVersion}: predictions written to the capture store;
+- CaptureErrors{ModelVersion}: captures that failed (the reply went out regardless).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BINS = 10
+
+
+def confidence_bin(max_prob: float) -> str:
+    index = min(int(max_prob * BINS), BINS - 1)
+    return f"{index / BINS:.1f}-{(index + 1) / BINS:.1f}"
+
+
+def emit(metrics: Any, replies: list[dict], captured: int, capture_errors: int) -> None:
+    """Record one handled batch; `metrics` is TorchServe's context.metrics."""
+    from ts.metrics.dimension import Dimension  # TorchServe's own type, only inside a worker
+
+    for reply in replies:
+        dims = [Dimension("PredictedClass", reply["predictions"][0]["label"]),
+                Dimension("ConfidenceBin", confidence_bin(reply["uncertainty"]["max_prob"]))]
+        metrics.add_counter("PredictionConfidence", 1, dimensions=dims)
+    if replies:
+        version = [Dimension("ModelVersion", replies[0]["version"])]
+        metrics.add_counter("CapturedPredictions", captured, dimensions=version)
+        metrics.add_counter("CaptureErrors", capture_errors, dimensions=version)
