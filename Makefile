@@ -13,7 +13,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DATA := data/fashion-mnist-lt
 MINORITY := coat,sandal,bag
 
-.PHONY: setup demo test test-fast lint bench-train bench-imbalance clean-venv
+.PHONY: setup demo test test-fast lint bench-train bench-imbalance bench-serving clean-venv
 
 setup: $(VENV)/.installed-$(ORT) $(FASHION_MNIST)
 
@@ -53,6 +53,9 @@ bench-train: setup
 
 bench-imbalance: setup
 	$(PY) -m bench.imbalance --out reports/bench-imbalance
+
+bench-serving: setup
+	$(PY) -m bench.serving
 
 clean-venv:
 	rm -rf $(VENV)
