@@ -22,25 +22,23 @@ def add_package_arguments(parser: argparse.ArgumentParser) -> None:
                         help="capture predictions whose calibrated confidence is below this")
 
 
-def _resolve(store: Path, name: str, version: str) -> Path:
-    from visionloop.store import ModelStore, StoreError
-
-    model_store = ModelStore(store)
-    resolved = model_store.latest_version(name) if version == "latest" else version
-    if resolved is None:
-        raise StoreError(f"model {name!r} has no versions in {store}")
-    return model_store.version_dir(name, resolved)
-
-
-def run_package(args: argparse.Namespace) -> int:
+def _package(args: argparse.Namespace) -> tuple[str, Path]:
+    """Package the version the arguments name; returns (resolved version, .mar path)."""
     from serving.archive import package
     from serving.capture import CapturePolicy
     from serving.handler import ServingConfig
+    from visionloop.store import ModelStore
 
+    store = ModelStore(args.store)
+    version = store.resolve_version(args.name, args.version)
     serving = ServingConfig(capture=CapturePolicy(max_confidence=args.capture_below))
-    mar = package(_resolve(args.store, args.name, args.version), args.export_path, args.backend,
+    mar = package(store.version_dir(args.name, version), args.export_path, args.backend,
                   args.batch_size, args.max_batch_delay_ms, serving=serving)
-    print(mar)
+    return version, mar
+
+
+def run_package(args: argparse.Namespace) -> int:
+    print(_package(args)[1])
     return 0
 
 
@@ -52,16 +50,14 @@ def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_promote(args: argparse.Namespace) -> int:
     """Package VERSION into the running server's model store and make it the default."""
-    from serving.archive import mar_name
     from serving.promote import promote
 
-    run_package(args)
-    version_dir = _resolve(args.store, args.name, args.version)
+    version, mar = _package(args)
+    print(mar)
     cfg = ServerConfig(home=args.home, model_store=args.export_path,
                        management_port=args.management_port)
-    old = promote(cfg, args.name, version_dir.name,
-                  mar_name(args.name, version_dir.name, args.backend))
-    print(f"{args.name}: {version_dir.name} is the default" + (f", {old} removed" if old else ""))
+    old = promote(cfg, args.name, version, mar.name)
+    print(f"{args.name}: {version} is the default" + (f", {old} removed" if old else ""))
     return 0
 
 

@@ -66,9 +66,7 @@ def promote(cfg: ServerConfig, model: str, version: str, mar_file: str,
     query = urllib.parse.urlencode({"url": mar_file, "initial_workers": 1, "synchronous": "true"})
     management(cfg, "POST", f"/models?{query}", timeout)
     deadline = time.monotonic() + timeout
-    while not any(d["modelVersion"] == version and any(w.get("status") == "READY"
-                                                       for w in d.get("workers", []))
-                  for d in versions(cfg, model)):
+    while not workers_ready(cfg, model, version):
         if time.monotonic() > deadline:
             management(cfg, "DELETE", f"/models/{model}/{version}")
             raise ServerError(f"{model} {version} registered but no worker got READY; removed")

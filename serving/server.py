@@ -104,12 +104,14 @@ def get_json(url: str, timeout: float = 5.0) -> object:
         return json.loads(response.read())
 
 
-def workers_ready(cfg: ServerConfig, model: str) -> bool:
+def workers_ready(cfg: ServerConfig, model: str, version: str | None = None) -> bool:
+    """A READY worker for the model (any version, or the one given)."""
     try:
         described = get_json(f"{cfg.url('management')}/models/{model}/all")
     except (urllib.error.URLError, OSError, ValueError):
         return False
-    return any(w.get("status") == "READY" for d in described for w in d.get("workers", []))
+    return any(w.get("status") == "READY" for d in described
+               if version in (None, d["modelVersion"]) for w in d.get("workers", []))
 
 
 def wait_ready(cfg: ServerConfig, models: list[str], timeout: float = 120.0) -> None:

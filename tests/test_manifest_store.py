@@ -87,3 +87,17 @@ def test_store_refuses_unsafe_names(name):
 def test_store_refuses_bad_versions(tmp_path, version):
     with pytest.raises(StoreError, match="invalid"):
         ModelStore(tmp_path).version_dir("fm", version)
+
+
+def test_resolve_version_latest_or_named(tmp_path):
+    store = ModelStore(tmp_path)
+    with pytest.raises(StoreError, match="has no versions"):
+        store.resolve_version("fm", "latest")
+    for version in ("v1", "v2"):
+        staging = store.new_staging_dir("fm")
+        make_manifest(version).save(staging)
+        store.publish("fm", staging, version)
+    assert store.resolve_version("fm", "latest") == "v2"
+    assert store.resolve_version("fm", "v1") == "v1"
+    with pytest.raises(StoreError, match="invalid"):
+        store.resolve_version("fm", "../v1")

@@ -138,13 +138,6 @@ def detect_minority(classes: tuple[str, ...], counts: list[int]) -> list[str]:
     return [name for name, count in zip(classes, counts, strict=True) if count < 0.5 * median]
 
 
-def _resolve_parent(store: ModelStore, cfg: TrainConfig) -> str:
-    version = store.latest_version(cfg.name) if cfg.parent == "latest" else cfg.parent
-    if version is None:
-        raise StoreError(f"--parent latest: model {cfg.name!r} has no versions in {store.root}")
-    return version
-
-
 def prepare_model(cfg: TrainConfig, classes: tuple[str, ...], store: ModelStore,
                   parent: ModelManifest | None) -> StartingPoint:
     """Fresh pretrained backbone + new head, or a warm start from the parent version."""
@@ -341,7 +334,7 @@ def run_training(cfg: TrainConfig) -> Path | None:
     try:
         torch.manual_seed(cfg.seed)
         store = ModelStore(cfg.out)
-        parent = (store.load_manifest(cfg.name, _resolve_parent(store, cfg))
+        parent = (store.load_manifest(cfg.name, store.resolve_version(cfg.name, cfg.parent))
                   if cfg.parent else None)
         splits = load_splits(cfg, parent.classes if parent else None)
         minority = list(cfg.minority) or detect_minority(splits.classes, splits.train_counts)

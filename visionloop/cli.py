@@ -13,25 +13,28 @@ from trainer import cli as trainer_cli
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
 
 
+# (subcommand, help, adds its arguments, runs it)
+COMMANDS = (
+    ("data", "build datasets", trainer_cli.add_data_arguments, trainer_cli.run_data),
+    ("train", "fine-tune, evaluate, calibrate, export a model version",
+     trainer_cli.add_train_arguments, trainer_cli.run_train),
+    ("package", "build a TorchServe .mar from a model version",
+     serving_cli.add_package_arguments, serving_cli.run_package),
+    ("promote", "make a version the default in running TorchServe",
+     serving_cli.add_promote_arguments, serving_cli.run_promote),
+    ("serve", "start, stop or inspect TorchServe on loopback",
+     serving_cli.add_serve_arguments, serving_cli.run_serve),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionloop", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    data = sub.add_parser("data", help="build datasets")
-    trainer_cli.add_data_arguments(data)
-    data.set_defaults(run=trainer_cli.run_data)
-    train = sub.add_parser("train", help="fine-tune, evaluate, calibrate, export a model version")
-    trainer_cli.add_train_arguments(train)
-    train.set_defaults(run=trainer_cli.run_train)
-    package = sub.add_parser("package", help="build a TorchServe .mar from a model version")
-    serving_cli.add_package_arguments(package)
-    package.set_defaults(run=serving_cli.run_package)
-    promote = sub.add_parser("promote", help="make a version the default in running TorchServe")
-    serving_cli.add_promote_arguments(promote)
-    promote.set_defaults(run=serving_cli.run_promote)
-    serve = sub.add_parser("serve", help="start, stop or inspect TorchServe on loopback")
-    serving_cli.add_serve_arguments(serve)
-    serve.set_defaults(run=serving_cli.run_serve)
+    for name, help_text, add_arguments, run in COMMANDS:
+        command = sub.add_parser(name, help=help_text)
+        add_arguments(command)
+        command.set_defaults(run=run)
     return parser
 
 

@@ -64,6 +64,16 @@ class ModelStore:
         versions = self.versions(name)
         return versions[-1] if versions else None
 
+    def resolve_version(self, name: str, version: str) -> str:
+        """'latest' -> the newest published version; anything else is checked and returned."""
+        if version != "latest":
+            version_number(version)
+            return version
+        latest = self.latest_version(name)
+        if latest is None:
+            raise StoreError(f"model {name!r} has no versions in {self.root}")
+        return latest
+
     def load_manifest(self, name: str, version: str) -> ModelManifest:
         version_dir = self.version_dir(name, version)
         if not version_dir.is_dir():
