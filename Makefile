@@ -5,6 +5,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Label Studio pins its own stack (Django, an exact label-studio-sdk): it gets its own venv.
+LS_VENV := .venv-labelstudio
+LS_VERSION := 1.23.2
 # cpu -> onnxruntime, gpu -> onnxruntime-gpu. Never both in one venv: they overwrite
 # each other. Switching needs a fresh venv (make clean-venv).
 ORT ?= cpu
@@ -15,7 +18,7 @@ MINORITY := coat,sandal,bag
 
 .PHONY: setup demo test test-fast lint bench-train bench-imbalance bench-serving clean-venv
 
-setup: $(VENV)/.installed-$(ORT) $(FASHION_MNIST)
+setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST)
 
 # torch first, from the pinned releases, so no resolver pulls another torch build.
 $(VENV)/.installed-$(ORT): pyproject.toml
@@ -24,6 +27,14 @@ $(VENV)/.installed-$(ORT): pyproject.toml
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[$(ORT),dev]'
 	$(PY) -m pip check
+	touch $@
+
+# uv only inside the Label Studio venv: it resolves Django & co fast, and no torch is involved.
+$(LS_VENV)/.installed-$(LS_VERSION):
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q uv
+	$(LS_VENV)/bin/uv pip install -q --python $(LS_VENV)/bin/python label-studio==$(LS_VERSION)
+	$(LS_VENV)/bin/python -c 'import label_studio; print("label-studio", label_studio.__version__)'
 	touch $@
 
 $(FASHION_MNIST):

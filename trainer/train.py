@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,6 +43,7 @@ from trainer.models import build_model, set_backbone_trainable
 from trainer.optim import build_optimizer, build_scheduler, parameter_groups
 from trainer.report import write_report
 from trainer.sampling import EpochSampler
+from visionloop.classes import minority_classes
 from visionloop.fsutil import sha256_file
 from visionloop.manifest import Artifact, ModelManifest, Preprocessing
 from visionloop.preprocess import preprocess_image
@@ -130,12 +130,6 @@ def load_splits(cfg: TrainConfig, classes: tuple[str, ...] | None = None) -> Spl
         calibration_split=calibration_split, fingerprint=dataset_fingerprint(indexes),
         train_counts=counts,
     )
-
-
-def detect_minority(classes: tuple[str, ...], counts: list[int]) -> list[str]:
-    """Classes with fewer than half the median class count of training images."""
-    median = statistics.median(counts)
-    return [name for name, count in zip(classes, counts, strict=True) if count < 0.5 * median]
 
 
 def prepare_model(cfg: TrainConfig, classes: tuple[str, ...], store: ModelStore,
@@ -274,6 +268,8 @@ def evaluate_and_calibrate(model: nn.Module, val_loader: DataLoader, test_loader
         "test": report, "test_split": splits.test_split,
         "calibration_split": splits.calibration_split, "temperature": temperature,
         "minority": minority, "minority_recall": minority_recall(report, minority),
+        # labeling reads these to know which classes still lack labelled examples
+        "train_counts": dict(zip(splits.classes, splits.train_counts, strict=True)),
         "ece_uncalibrated": expected_calibration_error(uncalibrated, test_labels),
         "ece_calibrated": expected_calibration_error(calibrated, test_labels),
         "reliability_uncalibrated": reliability_table(uncalibrated, test_labels),
@@ -337,7 +333,8 @@ def run_training(cfg: TrainConfig) -> Path | None:
         parent = (store.load_manifest(cfg.name, store.resolve_version(cfg.name, cfg.parent))
                   if cfg.parent else None)
         splits = load_splits(cfg, parent.classes if parent else None)
-        minority = list(cfg.minority) or detect_minority(splits.classes, splits.train_counts)
+        minority = list(cfg.minority) or minority_classes(
+            dict(zip(splits.classes, splits.train_counts, strict=True)))
         unknown = sorted(set(minority) - set(splits.classes))
         if unknown:
             raise DataError(f"--minority names unknown classes {unknown}")

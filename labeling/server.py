@@ -1,0 +1,186 @@
+"""Run a real Label Studio on loopback: start it from its own venv, wait for /health, stop by pid.
+
+Label Studio pins its own Django stack, so it lives in `.venv-labelstudio` (see the
+Makefile) and is only ever run as a separate process. Its data directory holds the SQLite
+database, the media, our pid file, log and the generated credentials (mode 0600): the
+bootstrap user's API token and Django's SECRET_KEY, fixed once so tokens survive restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Plain names Label Studio also reads from the environment (they would override its flags).
+_FOREIGN_ENV = ("USERNAME", "PASSWORD", "HOST", "PORT")
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio did not start, get healthy or stop as expected."""
+
+
+@dataclass(frozen=True)
+class LabelStudioConfig:
+    data_dir: Path = Path("runs/labelstudio")  # SQLite DB, media, pid, log, credentials
+    venv: Path = Path(".venv-labelstudio")  # where `make setup` installed the server
+    host: str = "127.0.0.1"  # loopback only
+    port: int = 8090
+    files_root: Path = Path("captures")  # served as local files: the capture store
+    username: str = "annotator@visionloop.invalid"
+    # Webhooks and ML backends on 127.0.0.1 are refused by Label Studio's SSRF guard; we
+    # lift it because every component here is on loopback. Keep it on for a public server.
+    allow_local_urls: bool = True
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "labelstudio.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "labelstudio.log"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.data_dir / "credentials.json"
+
+
+def credentials(cfg: LabelStudioConfig) -> dict[str, str]:
+    """The bootstrap user's password and API token and Django's key, made once per data dir."""
+    path = cfg.credentials_file
+    if path.exists():
+        return json.loads(path.read_text())
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    created = {"password": secrets.token_urlsafe(18),
+               "token": secrets.token_hex(20),  # Label Studio wants exactly 40 characters
+               # a key starting with "$" is regenerated at every start, killing tokens
+               "secret_key": "k" + secrets.token_urlsafe(48)}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(created, f)
+    return created
+
+
+def api_token(cfg: LabelStudioConfig) -> str:
+    return credentials(cfg)["token"]
+
+
+def _env(cfg: LabelStudioConfig) -> dict[str, str]:
+    creds = credentials(cfg)
+    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
+    env.update({
+        "DJANGO_DB": "sqlite",
+        "LABEL_STUDIO_BASE_DATA_DIR": str(cfg.data_dir.resolve()),
+        "SECRET_KEY": creds["secret_key"],
+        "LABEL_STUDIO_USERNAME": cfg.username,
+        "LABEL_STUDIO_PASSWORD": creds["password"],
+        "LABEL_STUDIO_USER_TOKEN": creds["token"],
+        # only read when the organisation is first created; the SDK needs legacy tokens
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LATEST_VERSION_CHECK": "false",
+        "COLLECT_ANALYTICS": "false",
+        "LOCAL_FILES_SERVING_ENABLED": "true",
+        "LOCAL_FILES_DOCUMENT_ROOT": str(cfg.files_root.resolve()),
+    })
+    if cfg.allow_local_urls:
+        env.update(SSRF_PROTECTION_ENABLED="false", ML_BLOCK_LOCAL_IP="false")
+    return env
+
+
+def read_pid(cfg: LabelStudioConfig) -> int | None:
+    try:
+        pid = int(cfg.pid_file.read_text().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    return pid
+
+
+def healthy(cfg: LabelStudioConfig, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{cfg.url}/health", timeout=timeout) as response:
+            return json.loads(response.read()).get("status") == "UP"
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def start(cfg: LabelStudioConfig, timeout: float = 180.0) -> int:
+    """Start the server (the first start migrates the database: ~45 s) and wait for /health."""
+    if read_pid(cfg) is not None:
+        raise LabelStudioError(f"Label Studio already runs from {cfg.data_dir} "
+                               f"(pid {read_pid(cfg)})")
+    binary = cfg.venv / "bin" / "label-studio"
+    if not binary.exists():
+        raise LabelStudioError(f"{binary} not found: run `make setup` to install Label Studio")
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    cfg.files_root.mkdir(parents=True, exist_ok=True)
+    cmd = [str(binary.resolve()), "start", "--no-browser", "--internal-host", cfg.host,
+           "--port", str(cfg.port), "--data-dir", str(cfg.data_dir.resolve())]
+    log.info("starting Label Studio: %s", " ".join(cmd))
+    with open(cfg.log_file, "ab") as out:
+        # its own session: stop() signals the whole group, so no child outlives it
+        process = subprocess.Popen(cmd, cwd=cfg.data_dir, env=_env(cfg), stdout=out,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    cfg.pid_file.write_text(str(process.pid))
+    deadline = time.monotonic() + timeout
+    while not healthy(cfg):
+        if process.poll() is not None:
+            cfg.pid_file.unlink(missing_ok=True)
+            raise LabelStudioError(f"Label Studio exited ({process.returncode}) during "
+                                   f"start-up; see {cfg.log_file}")
+        if time.monotonic() > deadline:
+            stop(cfg)
+            raise LabelStudioError(f"Label Studio not healthy after {timeout:.0f}s; "
+                                   f"see {cfg.log_file}")
+        time.sleep(0.5)
+    return process.pid
+
+
+def stop(cfg: LabelStudioConfig, timeout: float = 20.0) -> bool:
+    """SIGTERM the server's process group, wait for it (SIGKILL after timeout)."""
+    pid = read_pid(cfg)
+    if pid is None:
+        cfg.pid_file.unlink(missing_ok=True)
+        return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                # reap it if it is our child; otherwise just check that it is gone
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    break
+            except ChildProcessError:
+                if read_pid(cfg) is None:
+                    break
+            time.sleep(0.2)
+        else:
+            log.warning("Label Studio pid %d ignored %s; escalating", pid, sig.name)
+            continue
+        break
+    cfg.pid_file.unlink(missing_ok=True)
+    return True
+
+
+def status(cfg: LabelStudioConfig) -> dict:
+    pid = read_pid(cfg)
+    return {"running": pid is not None, "pid": pid, "url": cfg.url,
+            "healthy": pid is not None and healthy(cfg), "data_dir": str(cfg.data_dir)}
