@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from labeling import cli as labeling_cli
 from serving import cli as serving_cli
 from trainer import cli as trainer_cli
 
@@ -24,6 +25,10 @@ COMMANDS = (
      serving_cli.add_promote_arguments, serving_cli.run_promote),
     ("serve", "start, stop or inspect TorchServe on loopback",
      serving_cli.add_serve_arguments, serving_cli.run_serve),
+    ("labelstudio", "start, stop or inspect Label Studio on loopback",
+     labeling_cli.add_labelstudio_arguments, labeling_cli.run_labelstudio),
+    ("label", "push uncertain captures to Label Studio, pull labels, serve the ML backend",
+     labeling_cli.add_label_arguments, labeling_cli.run_label),
 )
 
 

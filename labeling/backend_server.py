@@ -1,0 +1,113 @@
+"""One small HTTP server for Label Studio to call: the ML-backend protocol and webhooks.
+
+    GET  /health    {"status": "UP", "model_version": ...}
+    POST /setup     Label Studio connects a project -> {"model_version": ...}
+    POST /predict   {"tasks": [...]} -> {"results": [{result, score, model_version}, ...]}
+    POST /webhook   annotation events (project webhooks and ML-backend events alike)
+
+Bound to loopback by default; Label Studio must be told it may call local URLs
+(labeling.server does that).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from labeling.events import ANNOTATION_EVENTS, RetrainTrigger
+from labeling.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 16 * 1024 * 1024  # a /predict with many base64 images stays well below
+
+
+class BackendServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], predictor: Predictor | None,
+                 trigger: RetrainTrigger) -> None:
+        super().__init__(address, _Handler)
+        self.predictor, self.trigger = predictor, trigger
+        self.predict_lock = threading.Lock()  # one model, one batch at a time
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: BackendServer
+
+    def log_message(self, fmt: str, *args: object) -> None:
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> dict | None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            self._reply(413, {"error": f"body over {MAX_BODY_BYTES} bytes"})
+            return None
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError as exc:
+            self._reply(400, {"error": f"body is not JSON: {exc}"})
+            return None
+        if not isinstance(body, dict):
+            self._reply(400, {"error": "body must be a JSON object"})
+            return None
+        return body
+
+    def _model_version(self) -> str | None:
+        return self.server.predictor.model_version if self.server.predictor else None
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.rstrip("/") == "/health":
+            self._reply(200, {"status": "UP", "model_class": "visionloop",
+                              "model_version": self._model_version()})
+        else:
+            self._reply(404, {"error": f"no route {self.path}"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        route = self.path.rstrip("/")
+        if route not in ("/setup", "/predict", "/webhook"):
+            self._reply(404, {"error": f"no route {self.path}"})
+            return
+        body = self._body()
+        if body is None:
+            return
+        if route == "/webhook":
+            action = str(body.get("action", ""))
+            started = action in ANNOTATION_EVENTS and self.server.trigger.record(action)
+            self._reply(200, {"status": "ok", "retrain_started": started})
+            return
+        predictor = self.server.predictor
+        if predictor is None:
+            self._reply(503, {"error": "no model loaded"})
+            return
+        with self.server.predict_lock:
+            if route == "/setup":
+                predictor.reload()
+                self._reply(200, {"model_version": predictor.model_version})
+                return
+            tasks = body.get("tasks")
+            if not isinstance(tasks, list):
+                self._reply(400, {"error": "'tasks' must be a list"})
+                return
+            self._reply(200, {"results": predictor.predict(tasks)})
+
+
+def serve_in_thread(server: BackendServer) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, name="labeling-backend", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,178 @@
+"""Command-line front ends of labeling: `visionloop labelstudio` and `visionloop label`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+from dataclasses import asdict
+from pathlib import Path
+
+from labeling.server import LabelStudioConfig
+
+log = logging.getLogger(__name__)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--labelstudio-dir", type=Path, default=LabelStudioConfig.data_dir,
+                        help="Label Studio data dir: database, media, credentials")
+    parser.add_argument("--labelstudio-port", type=int, default=LabelStudioConfig.port)
+    parser.add_argument("--capture-dir", type=Path, default=LabelStudioConfig.files_root,
+                        help="the capture store (Label Studio serves its images)")
+
+
+def server_config(args: argparse.Namespace) -> LabelStudioConfig:
+    return LabelStudioConfig(data_dir=args.labelstudio_dir, port=args.labelstudio_port,
+                             files_root=args.capture_dir)
+
+
+def add_labelstudio_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("start", "stop", "status"))
+    add_server_arguments(parser)
+
+
+def run_labelstudio(args: argparse.Namespace) -> int:
+    from labeling import server
+
+    cfg = server_config(args)
+    if args.action == "start":
+        pid = server.start(cfg)
+        print(f"Label Studio on {cfg.url} (pid {pid}); user {cfg.username}, "
+              f"password and token in {cfg.credentials_file}")
+    elif args.action == "stop":
+        print("stopped" if server.stop(cfg) else "not running")
+    else:
+        print(json.dumps(server.status(cfg), indent=2))
+    return 0
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", default="fashion", help="model name in the store")
+    parser.add_argument("--store", type=Path, default=Path("model_store"))
+    parser.add_argument("--version", default="latest", help="model version for the classes")
+    parser.add_argument("--project", help="Label Studio project title "
+                                          "(default: 'visionloop NAME')")
+    parser.add_argument("--labels-dir", type=Path, default=Path("labels"),
+                        help="pulled labels: labels.sqlite3 and an ImageFolder tree")
+
+
+def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    from labeling.dedupe import NEAR_DUPLICATE_CORRELATION
+    from labeling.push import TRANSPORTS
+    from labeling.strategies import STRATEGIES
+
+    sub = parser.add_subparsers(dest="label_action", required=True)
+    push = sub.add_parser("push", help="send the most useful uncertain captures as tasks")
+    push.add_argument("--budget", type=int, required=True, help="most tasks to create")
+    push.add_argument("--strategy", choices=STRATEGIES, default="class_balanced")
+    push.add_argument("--minority-share", type=float, default=0.5,
+                      help="class_balanced: share of the budget kept for minority classes")
+    push.add_argument("--transport", choices=TRANSPORTS, default="local-files")
+    push.add_argument("--near-duplicate-correlation", type=float,
+                      default=NEAR_DUPLICATE_CORRELATION)
+    push.add_argument("--seed", type=int, default=0, help="for --strategy random")
+    pull = sub.add_parser("pull", help="bring finished annotations back as training data")
+    backend = sub.add_parser("backend", help="serve the ML backend and the webhook receiver")
+    backend.add_argument("--host", default="127.0.0.1")
+    backend.add_argument("--port", type=int, default=9090)
+    backend.add_argument("--retrain-threshold", type=int, default=50,
+                         help="annotation events that start --retrain-command")
+    backend.add_argument("--retrain-command", default=None,
+                         help="command run in the background past the threshold")
+    for command in (push, pull, backend):
+        add_model_arguments(command)
+        add_server_arguments(command)
+
+
+def _project(args: argparse.Namespace, client):
+    from labeling.project import default_title, ensure_project
+    from visionloop.store import ModelStore
+
+    store = ModelStore(args.store)
+    manifest = store.load_manifest(args.name, store.resolve_version(args.name, args.version))
+    return manifest, ensure_project(client, args.project or default_title(args.name),
+                                    manifest.classes)
+
+
+def _minority(manifest, labels_dir: Path) -> list[str]:
+    """Minority classes by labelled images so far: the training set plus pulled labels."""
+    from labeling.pull import labelled_counts
+    from visionloop.classes import minority_classes
+
+    train = manifest.metrics.get("train_counts")
+    if not train:  # manifests written before train counts were recorded
+        return list(manifest.metrics.get("minority", []))
+    pulled = labelled_counts(labels_dir)
+    return minority_classes({c: train.get(c, 0) + pulled.get(c, 0) for c in manifest.classes})
+
+
+def _push(args: argparse.Namespace) -> int:
+    from labeling.client import connect, unavailable_as_error
+    from labeling.push import PushOptions, push
+
+    cfg = server_config(args)
+    client = connect(cfg)
+    with unavailable_as_error("finding the project"):
+        manifest, project = _project(args, client)
+    minority = _minority(manifest, args.labels_dir)
+    options = PushOptions(budget=args.budget, strategy=args.strategy,
+                          minority_share=args.minority_share, transport=args.transport,
+                          min_correlation=args.near_duplicate_correlation, seed=args.seed)
+    result = push(args.capture_dir, client, project, manifest.name, minority, options,
+                  files_root=cfg.files_root)
+    summary = asdict(result)
+    ids = summary.pop("task_ids")
+    summary["task_ids"] = f"{min(ids)}-{max(ids)}" if ids else "none"
+    print(json.dumps({"project": project.id, "minority": minority, **summary}, indent=2))
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from labeling.client import connect, unavailable_as_error
+    from labeling.pull import pull
+
+    client = connect(server_config(args))
+    with unavailable_as_error("finding the project"):
+        _, project = _project(args, client)
+    result = pull(args.labels_dir, args.capture_dir, client, project)
+    print(json.dumps({"project": project.id, **asdict(result)}, indent=2))
+    return 0
+
+
+def _backend(args: argparse.Namespace) -> int:
+    import shlex
+
+    from labeling.backend_server import BackendServer
+    from labeling.events import RetrainTrigger
+    from labeling.predictor import Predictor
+    from labeling.server import api_token
+
+    cfg = server_config(args)
+    predictor = Predictor(args.store, args.name, args.version, cfg.url, api_token(cfg))
+    command = shlex.split(args.retrain_command) if args.retrain_command else None
+    args.labels_dir.mkdir(parents=True, exist_ok=True)
+    trigger = RetrainTrigger(args.labels_dir / "events.json", args.retrain_threshold, command)
+    server = BackendServer((args.host, args.port), predictor, trigger)
+    # SIGTERM ends serve_forever like Ctrl-C (shutdown() from this thread would deadlock)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    print(f"ML backend and webhook receiver on {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def run_label(args: argparse.Namespace) -> int:
+    from labeling.client import LabelStudioUnavailable
+
+    run = {"push": _push, "pull": _pull, "backend": _backend}[args.label_action]
+    try:
+        return run(args)
+    except LabelStudioUnavailable as exc:
+        # nothing was recorded that did not arrive: the next run catches up
+        print(f"visionloop label {args.label_action}: {exc}; nothing lost, run it again")
+        return 3

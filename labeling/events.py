@@ -1,0 +1,67 @@
+"""Annotation events from Label Studio's webhooks: count them, trigger retraining past a threshold.
+
+The count lives in a small JSON file so a restart of the receiver forgets nothing. The
+retraining command runs in a background thread, never inside the webhook request (Label
+Studio waits on webhooks synchronously, with a 1 s timeout, when it has no Redis), and
+only one run at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import threading
+from pathlib import Path
+
+from visionloop.fsutil import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+                     "ANNOTATION_DELETED")
+
+
+class RetrainTrigger:
+    def __init__(self, state_file: Path, threshold: int, command: list[str] | None,
+                 log_file: Path | None = None) -> None:
+        self.state_file, self.threshold, self.command = Path(state_file), threshold, command
+        self.log_file = log_file or self.state_file.with_suffix(".retrain.log")
+        self._lock = threading.Lock()
+        self._running: threading.Thread | None = None
+        self.state = self._load()
+
+    def _load(self) -> dict:
+        if self.state_file.exists():
+            return json.loads(self.state_file.read_text())
+        return {"events": {}, "since_trigger": 0, "triggers": 0, "last_exit_code": None}
+
+    def record(self, action: str) -> bool:
+        """Count one event; True if it started a retrain."""
+        with self._lock:
+            self.state["events"][action] = self.state["events"].get(action, 0) + 1
+            self.state["since_trigger"] += 1
+            start = (self.command is not None and self.state["since_trigger"] >= self.threshold
+                     and (self._running is None or not self._running.is_alive()))
+            if start:
+                self.state["since_trigger"] = 0
+                self.state["triggers"] += 1
+                self._running = threading.Thread(target=self._run, name="retrain", daemon=True)
+            atomic_write_json(self.state_file, self.state)
+        if start:
+            self._running.start()
+        return start
+
+    def _run(self) -> None:
+        log.info("%d annotation events: starting %s", self.threshold, self.command)
+        with open(self.log_file, "ab") as out:
+            code = subprocess.run(self.command, stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, check=False).returncode
+        with self._lock:
+            self.state["last_exit_code"] = code
+            atomic_write_json(self.state_file, self.state)
+        log.info("retrain command exited %d", code)
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._running is not None:
+            self._running.join(timeout)

@@ -1,0 +1,78 @@
+"""The Label Studio project for a model: created from the manifest, found again by title.
+
+The labeling config is a single-choice image classification over the manifest's classes.
+Tasks carry the model's guess as a prediction, so annotators see it pre-selected.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from xml.etree import ElementTree
+from xml.sax.saxutils import quoteattr
+
+from label_studio_sdk import LabelStudio
+
+log = logging.getLogger(__name__)
+
+FROM_NAME, TO_NAME, IMAGE_KEY = "label", "image", "image"
+
+
+class ProjectError(ValueError):
+    """The Label Studio project does not fit the model (a user can fix it from the message)."""
+
+
+def label_config(classes: tuple[str, ...]) -> str:
+    choices = "".join(f"<Choice value={quoteattr(c)}/>" for c in classes)
+    return (f'<View><Image name="{TO_NAME}" value="${IMAGE_KEY}" zoom="true"/>'
+            f'<Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" '
+            f'showInline="true">{choices}</Choices></View>')
+
+
+def config_classes(config: str) -> list[str]:
+    """The choice values a labeling config offers (someone may have added some)."""
+    try:
+        root = ElementTree.fromstring(config)
+    except ElementTree.ParseError as exc:
+        raise ProjectError(f"the project's labeling config is not XML: {exc}") from exc
+    return [choice.get("value", "") for choice in root.iter("Choice")]
+
+
+@dataclass(frozen=True)
+class Project:
+    id: int
+    title: str
+    classes: tuple[str, ...]  # the model's classes, the order of its probabilities
+    extra_classes: tuple[str, ...]  # offered in Label Studio but unknown to the model
+
+
+def default_title(model_name: str) -> str:
+    return f"visionloop {model_name}"
+
+
+def ensure_project(client: LabelStudio, title: str, classes: tuple[str, ...]) -> Project:
+    """Find the project by title or create it; idempotent across runs."""
+    if len(title) < 3:
+        raise ProjectError(f"Label Studio project titles need 3 characters or more: {title!r}")
+    matches = [p for p in client.projects.list(title=title) if p.title == title]
+    if len(matches) > 1:
+        raise ProjectError(f"{len(matches)} Label Studio projects are titled {title!r}; "
+                           f"rename or delete all but one (ids {[p.id for p in matches]})")
+    if matches:
+        project = client.projects.get(id=matches[0].id)
+        offered = config_classes(project.label_config or "")
+        missing = [c for c in classes if c not in offered]
+        if missing:
+            raise ProjectError(f"project {title!r} (id {project.id}) does not offer the "
+                               f"model's classes {missing}; fix its labeling config")
+        extra = tuple(c for c in offered if c not in classes)
+        if extra:
+            log.warning("project %r offers classes the model does not know: %s (their labels "
+                        "are reported by pull, not used for training)", title, list(extra))
+        return Project(project.id, title, classes, extra)
+    project = client.projects.create(title=title, label_config=label_config(classes),
+                                     sampling="Uncertainty sampling",
+                                     description="Images the model was unsure of, "
+                                                 "least confident first.")
+    log.info("created Label Studio project %r (id %d)", title, project.id)
+    return Project(project.id, title, classes, ())

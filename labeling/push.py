@@ -1,0 +1,253 @@
+"""`visionloop label push`: choose captured predictions worth labelling and make them tasks.
+
+Reads only the capture store. Each push:
+1. reconciles: every task in the project names its image (data.capture_sha); captures of
+   that image not yet linked get the task id. This is what makes a push idempotent: an
+   import that reached Label Studio but was never recorded here (crash, lost reply) is
+   found on the next run instead of being imported twice;
+2. ranks the unlinked captures with a query strategy (labeling.strategies), one per image;
+3. walks that order, dropping near-duplicates of images already pushed or chosen;
+4. imports the chosen images in chunks, with the model's guess as a prediction, and
+   records each task id right after its chunk is accepted.
+A chunk that Label Studio did not accept is not recorded; the next push catches up.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from label_studio_sdk import LabelStudio
+from PIL import Image
+
+from labeling.client import unavailable_as_error
+from labeling.dedupe import NEAR_DUPLICATE_CORRELATION, NearDuplicateFilter, thumbnail_signature
+from labeling.project import FROM_NAME, IMAGE_KEY, TO_NAME, Project
+from labeling.strategies import rank
+from serving.capture import connect, image_path
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("local-files", "base64")
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    budget: int
+    strategy: str = "class_balanced"
+    minority_share: float = 0.5  # class_balanced: share of the budget kept for minority classes
+    # local-files: Label Studio serves the capture store's files (same host, nothing copied);
+    # base64: the image travels inside the task (any host, but it bloats Label Studio's DB)
+    transport: str = "local-files"
+    base64_max_bytes: int = 65_536  # larger images go as local files even with base64
+    chunk_size: int = 50
+    min_correlation: float = NEAR_DUPLICATE_CORRELATION
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.budget < 0:
+            raise ValueError(f"budget must be >= 0, got {self.budget}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+
+
+@dataclass
+class PushResult:
+    reconciled: int = 0  # captures linked to tasks that already existed
+    candidates: int = 0  # distinct unlinked images considered
+    exact_duplicates: int = 0  # captures of an image already pushed or captured twice
+    near_duplicates: int = 0
+    pushed: int = 0
+    task_ids: list[int] = field(default_factory=list)
+    pushed_classes: dict[str, int] = field(default_factory=dict)  # by predicted class
+
+
+@dataclass(frozen=True)
+class Candidate:
+    sha: str
+    capture_id: int
+    model_version: str
+    predicted: str
+    probabilities: np.ndarray
+    scores: dict[str, float]
+
+
+def _link(conn: sqlite3.Connection, links: dict[str, int], model: str) -> int:
+    """Set task_id on every unlinked capture of each image; returns captures linked."""
+    if not links:
+        return 0
+    conn.execute("BEGIN")
+    try:
+        linked = sum(conn.execute(
+            "UPDATE captures SET task_id = ? WHERE image_sha256 = ? AND model_name = ?"
+            " AND task_id IS NULL", (task, sha, model)).rowcount for sha, task in links.items())
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return linked
+
+
+def reconcile(conn: sqlite3.Connection, client: LabelStudio, project: Project,
+              model: str) -> int:
+    with unavailable_as_error("listing tasks"):
+        existing = {t.data["capture_sha"]: t.id for t in client.tasks.list(project=project.id)
+                    if "capture_sha" in (t.data or {})}
+    return _link(conn, existing, model)
+
+
+def pushed_tasks(conn: sqlite3.Connection, model: str) -> dict[str, int]:
+    rows = conn.execute("SELECT image_sha256, MIN(task_id) FROM captures WHERE model_name = ?"
+                        " AND task_id IS NOT NULL GROUP BY image_sha256", (model,))
+    return dict(rows.fetchall())
+
+
+def unlinked_candidates(conn: sqlite3.Connection, model: str,
+                        n_classes: int, classes: tuple[str, ...]) -> tuple[list[Candidate], int]:
+    """The newest capture of each unlinked image, and how many usable captures there were."""
+    rows = conn.execute(
+        "SELECT id, image_sha256, model_version, predicted, probabilities, max_prob, margin,"
+        " entropy FROM captures WHERE model_name = ? AND task_id IS NULL ORDER BY id",
+        (model,)).fetchall()
+    newest: dict[str, Candidate] = {}
+    usable = 0
+    for cid, sha, version, predicted, probs, max_prob, margin, ent in rows:
+        probabilities = np.asarray(json.loads(probs), dtype=np.float64)
+        if probabilities.shape != (n_classes,) or predicted not in classes:
+            log.warning("capture %d has %s probabilities / class %r for a %d-class model; "
+                        "left out", cid, probabilities.shape, predicted, n_classes)
+            continue
+        usable += 1
+        newest[sha] = Candidate(sha, cid, version, predicted, probabilities,
+                                {"confidence": max_prob, "margin": margin, "entropy": ent})
+    return list(newest.values()), usable
+
+
+def image_reference(capture_dir: Path, files_root: Path, sha: str, options: PushOptions) -> str:
+    path = image_path(capture_dir, sha)
+    if options.transport == "base64" and path.stat().st_size <= options.base64_max_bytes:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            mime = Image.MIME.get(image.format or "", "application/octet-stream")
+        return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+    # relative to Label Studio's LOCAL_FILES_DOCUMENT_ROOT (labeling.server: the capture dir)
+    relative = path.resolve().relative_to(files_root.resolve())
+    return f"/data/local-files/?d={relative.as_posix()}"
+
+
+def ensure_local_storage(client: LabelStudio, project: Project, capture_dir: Path) -> None:
+    """Label Studio serves a local file only inside a storage the project has (never synced:
+    tasks are imported by push, with their predictions)."""
+    images = str((capture_dir / "images").resolve())
+    with unavailable_as_error("checking local storage"):
+        if any(s.path == images for s in client.import_storage.local.list(project=project.id)):
+            return
+        client.import_storage.local.create(project=project.id, path=images, title="captures",
+                                           use_blob_urls=False)
+
+
+def task_payload(candidate: Candidate, priority: int, strategy: str, image: str) -> dict:
+    choice = {"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
+              "value": {"choices": [candidate.predicted]}}
+    data = {IMAGE_KEY: image, "capture_sha": candidate.sha, "predicted": candidate.predicted,
+            "priority": priority, "strategy": strategy, "model_version": candidate.model_version,
+            **{k: round(v, 4) for k, v in candidate.scores.items()}}
+    # score = calibrated confidence: Label Studio's uncertainty sampling hands out the lowest
+    return {"data": data, "predictions": [{"model_version": candidate.model_version,
+                                           "score": candidate.scores["confidence"],
+                                           "result": [choice]}]}
+
+
+def choose(candidates: list[Candidate], order: np.ndarray, capture_dir: Path,
+           pushed: dict[str, int], options: PushOptions,
+           ) -> tuple[list[Candidate], dict[str, str]]:
+    """Walk the ranking, skipping near-duplicates; returns the chosen and {dropped: twin}."""
+    dedupe = NearDuplicateFilter(options.min_correlation)
+    for sha in pushed:
+        path = image_path(capture_dir, sha)
+        if path.exists():
+            dedupe.add_seen(sha, thumbnail_signature(path.read_bytes()))
+    chosen, twins = [], {}
+    for index in order:
+        if len(chosen) >= options.budget:
+            break
+        candidate = candidates[index]
+        try:
+            signature = thumbnail_signature(image_path(capture_dir, candidate.sha).read_bytes())
+        except (OSError, ValueError) as exc:
+            log.warning("capture %d: image unreadable (%s); left out", candidate.capture_id, exc)
+            continue
+        twin = dedupe.offer(candidate.sha, signature)
+        if twin is None:
+            chosen.append(candidate)
+        else:
+            twins[candidate.sha] = twin
+    return chosen, twins
+
+
+def push(capture_dir: Path, client: LabelStudio, project: Project, model: str,
+         minority: list[str], options: PushOptions,
+         on_chunk: Callable[[int], None] | None = None,
+         files_root: Path | None = None) -> PushResult:
+    """Push up to options.budget new tasks; see the module docstring for the steps.
+
+    files_root: Label Studio's local-files document root, when it is not the capture dir.
+    """
+    capture_dir = Path(capture_dir)
+    files_root = Path(files_root) if files_root is not None else capture_dir
+    conn = connect(capture_dir / "captures.sqlite3", busy_timeout_ms=5000)
+    try:
+        result = PushResult(reconciled=reconcile(conn, client, project, model))
+        pushed = pushed_tasks(conn, model)
+        candidates, usable = unlinked_candidates(conn, model, len(project.classes),
+                                                 project.classes)
+        # a new capture of an image that already is a task becomes that task
+        _link(conn, {c.sha: pushed[c.sha] for c in candidates if c.sha in pushed}, model)
+        candidates = [c for c in candidates if c.sha not in pushed]
+        result.exact_duplicates = usable - len(candidates)
+        result.candidates = len(candidates)
+        if not candidates or options.budget == 0:
+            return result
+        probs = np.stack([c.probabilities for c in candidates])
+        minority_idx = [project.classes.index(c) for c in minority if c in project.classes]
+        order = rank(probs, options.strategy, budget=options.budget, minority=minority_idx,
+                     minority_share=options.minority_share, seed=options.seed)
+        chosen, twins = choose(candidates, order, capture_dir, pushed, options)
+        result.near_duplicates = len(twins)
+        if options.transport == "local-files" or any(
+                image_path(capture_dir, c.sha).stat().st_size > options.base64_max_bytes
+                for c in chosen):
+            ensure_local_storage(client, project, capture_dir)
+        for start in range(0, len(chosen), options.chunk_size):
+            chunk = chosen[start:start + options.chunk_size]
+            tasks = [task_payload(c, start + i + 1, options.strategy,
+                                  image_reference(capture_dir, files_root, c.sha, options))
+                     for i, c in enumerate(chunk)]
+            with unavailable_as_error(f"importing tasks {start + 1}-{start + len(chunk)}"):
+                response = client.projects.import_tasks(id=project.id, request=tasks,
+                                                         return_task_ids=True)
+            ids = list(response.task_ids or [])
+            if len(ids) != len(chunk):
+                raise RuntimeError(f"Label Studio returned {len(ids)} task ids for "
+                                   f"{len(chunk)} tasks; the next push reconciles them")
+            links = {c.sha: task for c, task in zip(chunk, ids, strict=True)}
+            _link(conn, links, model)
+            result.pushed += len(chunk)
+            result.task_ids += ids
+            for c in chunk:
+                result.pushed_classes[c.predicted] = result.pushed_classes.get(c.predicted, 0) + 1
+            if on_chunk is not None:
+                on_chunk(result.pushed)
+        # a near-duplicate becomes its twin's task: one label covers both
+        known = pushed_tasks(conn, model)
+        _link(conn, {sha: known[twin] for sha, twin in twins.items() if twin in known}, model)
+        return result
+    finally:
+        conn.close()

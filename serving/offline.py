@@ -1,0 +1,43 @@
+"""The serving path in-process: decode -> preprocess -> model -> postprocess, without TorchServe.
+
+For the ML backend's pre-annotations, benchmarks and tests: the same functions and
+artifacts the TorchServe handler uses, so its answers are the served answers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from serving.backends import load_backend
+from serving.inference import BadInput, decode, postprocess, preprocess_batch
+from visionloop.manifest import ModelManifest
+
+
+class InProcessModel:
+    def __init__(self, version_dir: Path, artifact: str = "torchscript",
+                 gpu_id: int | None = None) -> None:
+        self.manifest = ModelManifest.load(version_dir)
+        self.backend = load_backend(self.manifest.artifact_path(version_dir, artifact), gpu_id)
+
+    def predict(self, images: list[bytes], batch_size: int = 64) -> list[dict | BadInput]:
+        """One reply per image (as the endpoint answers), or the BadInput it would raise."""
+        replies: list[dict | BadInput] = []
+        for start in range(0, len(images), batch_size):
+            decoded, positions = [], []
+            chunk = images[start:start + batch_size]
+            chunk_replies: list[dict | BadInput | None] = [None] * len(chunk)
+            for i, data in enumerate(chunk):
+                try:
+                    decoded.append(decode(data))
+                    positions.append(i)
+                except BadInput as exc:
+                    chunk_replies[i] = exc
+            if decoded:
+                with torch.inference_mode():
+                    logits = self.backend(preprocess_batch(decoded, self.manifest))
+                for i, reply in zip(positions, postprocess(logits, self.manifest), strict=True):
+                    chunk_replies[i] = reply
+            replies += chunk_replies
+        return replies

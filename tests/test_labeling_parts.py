@@ -1,0 +1,101 @@
+"""Labeling's pure parts: query strategies, duplicate detection, the disagreement rule,
+the labeling config and the retrain trigger (real subprocess)."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from labeling.dedupe import NearDuplicateFilter, thumbnail_signature
+from labeling.events import RetrainTrigger
+from labeling.project import config_classes, label_config
+from labeling.pull import chosen_label
+from labeling.strategies import rank
+from visionloop.classes import minority_classes
+
+PROBS = np.array([
+    [0.90, 0.05, 0.05],  # 0 confident
+    [0.40, 0.35, 0.25],  # 1 least confident, small margin
+    [0.50, 0.48, 0.02],  # 2 second smallest margin
+    [0.34, 0.33, 0.33],  # 3 most uncertain on every score
+    [0.55, 0.05, 0.40],  # 4 most minority mass (class 2), fairly confident
+])
+
+
+def test_uncertainty_strategies_rank_the_most_uncertain_first():
+    assert rank(PROBS, "least_confidence", budget=2)[:2].tolist() == [3, 1]
+    assert rank(PROBS, "margin", budget=2)[:2].tolist() == [3, 2]
+    assert rank(PROBS, "entropy", budget=2)[0] == 3
+    assert sorted(rank(PROBS, "random", budget=2, seed=1).tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_class_balanced_reserves_its_share_for_minority_mass():
+    order = rank(PROBS, "class_balanced", budget=2, minority=[2], minority_share=0.5)
+    # one place (ceil(0.5 * 2)) for the highest class-2 mass, then least confidence
+    assert order.tolist() == [4, 3, 1, 2, 0]
+    assert rank(PROBS, "class_balanced", budget=2, minority=[]).tolist() == \
+        rank(PROBS, "least_confidence", budget=2).tolist()
+    with pytest.raises(ValueError, match="unknown strategy"):
+        rank(PROBS, "bald", budget=2)
+
+
+def test_minority_rule_is_half_the_median():
+    assert minority_classes({"a": 100, "b": 90, "c": 40, "d": 10}) == ["d"]
+    assert minority_classes({"a": 10, "b": 10}) == []
+
+
+def _jpeg(image: Image.Image, quality: int = 70) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_near_duplicates_are_caught_and_distinct_images_kept(small_scenario: Path):
+    files = sorted((small_scenario / "pool").rglob("*.png"))[:40]
+    originals = [Image.open(f).convert("L") for f in files]
+    dedupe = NearDuplicateFilter()
+    kept = [dedupe.offer(str(i), thumbnail_signature(f.read_bytes())) is None
+            for i, f in enumerate(files)]
+    assert sum(kept) >= 36  # distinct real garments are (almost all) not duplicates
+    first_kept = kept.index(True)
+    brighter = ImageEnhance.Brightness(originals[first_kept]).enhance(1.1)
+    for copy in (_jpeg(originals[first_kept]), _jpeg(brighter)):
+        assert dedupe.offer("copy", thumbnail_signature(copy)) == str(first_kept)
+
+
+def _annotation(choice: str, updated: str, cancelled=False, ground_truth=False) -> dict:
+    return {"was_cancelled": cancelled, "ground_truth": ground_truth, "updated_at": updated,
+            "result": [{"from_name": "label", "value": {"choices": [choice]}}]}
+
+
+def test_disagreements_follow_the_documented_rule():
+    majority = [_annotation("coat", "2026-01-01"), _annotation("shirt", "2026-01-03"),
+                _annotation("coat", "2026-01-02")]
+    assert chosen_label(majority)[:3] == ("coat", 3, pytest.approx(2 / 3))
+    tie = [_annotation("coat", "2026-01-01"), _annotation("shirt", "2026-01-02")]
+    assert chosen_label(tie)[0] == "shirt"  # newest of the tied answers
+    truth = majority + [_annotation("bag", "2025-12-01", ground_truth=True)]
+    assert chosen_label(truth)[0] == "bag"
+    assert chosen_label([_annotation("coat", "2026-01-01", cancelled=True)]) is None
+
+
+def test_label_config_offers_exactly_the_model_classes():
+    classes = ("t-shirt_top", "coat", 'odd "name" & <more>')
+    assert config_classes(label_config(classes)) == list(classes)
+
+
+def test_retrain_trigger_runs_the_command_in_the_background(tmp_path: Path):
+    marker = tmp_path / "ran"
+    command = [sys.executable, "-c", f"open({str(marker)!r}, 'w').write('ok')"]
+    trigger = RetrainTrigger(tmp_path / "events.json", threshold=3, command=command)
+    assert [trigger.record("ANNOTATION_CREATED") for _ in range(3)] == [False, False, True]
+    trigger.wait(30)
+    assert marker.read_text() == "ok"
+    again = RetrainTrigger(tmp_path / "events.json", threshold=3, command=command)
+    assert again.state["events"]["ANNOTATION_CREATED"] == 3  # survives a restart
+    assert again.state["triggers"] == 1 and again.state["last_exit_code"] == 0
