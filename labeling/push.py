@@ -204,14 +204,15 @@ def push(capture_dir: Path, client: LabelStudio, project: Project, model: str,
     files_root = Path(files_root) if files_root is not None else capture_dir
     conn = connect(capture_dir / "captures.sqlite3", busy_timeout_ms=5000)
     try:
-        result = PushResult(reconciled=reconcile(conn, client, project, model))
+        result = PushResult()
+        # new captures of images that already are tasks become those tasks
+        result.exact_duplicates = _link(conn, pushed_tasks(conn, model), model)
+        # then tasks Label Studio has but we never recorded (a crash after an import)
+        result.reconciled = reconcile(conn, client, project, model)
         pushed = pushed_tasks(conn, model)
         candidates, usable = unlinked_candidates(conn, model, len(project.classes),
                                                  project.classes)
-        # a new capture of an image that already is a task becomes that task
-        _link(conn, {c.sha: pushed[c.sha] for c in candidates if c.sha in pushed}, model)
-        candidates = [c for c in candidates if c.sha not in pushed]
-        result.exact_duplicates = usable - len(candidates)
+        result.exact_duplicates += usable - len(candidates)  # one image captured twice
         result.candidates = len(candidates)
         if not candidates or options.budget == 0:
             return result

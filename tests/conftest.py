@@ -32,3 +32,24 @@ def trained_version(small_scenario: Path, tmp_path_factory: pytest.TempPathFacto
                       freeze_epochs=1, batch_size=32, num_workers=0, show_progress=False,
                       minority=MINORITY, work_dir=str(store / "runs"))
     return run_training(cfg)
+
+
+@pytest.fixture(scope="session")
+def labelstudio(tmp_path_factory: pytest.TempPathFactory):
+    """The real Label Studio (from .venv-labelstudio) on a free loopback port.
+
+    Its local-files root is a folder the tests put their capture stores under. A server
+    that cannot start fails the tests that need it: it is never skipped.
+    """
+    import socket
+
+    from labeling import server
+
+    root = tmp_path_factory.mktemp("labelstudio")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = server.LabelStudioConfig(data_dir=root / "data", files_root=root / "files", port=port)
+    server.start(cfg)
+    yield cfg
+    server.stop(cfg)

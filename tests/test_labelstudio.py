@@ -1,0 +1,294 @@
+"""Labeling against a real Label Studio: push, ranking, dedupe, idempotent re-push,
+annotation as an annotator would, pull with edits and deletions, webhooks, the ML backend
+called by Label Studio itself, and Label Studio stopped in the middle of a push."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from labeling import server
+from labeling.backend_server import BackendServer, serve_in_thread
+from labeling.client import LabelStudioUnavailable, connect
+from labeling.events import RetrainTrigger
+from labeling.predictor import Predictor
+from labeling.project import FROM_NAME, TO_NAME, ensure_project
+from labeling.pull import labelled_counts, pull
+from labeling.push import PushOptions, push
+from serving.capture import CapturePolicy, CaptureStore
+from serving.capture import connect as connect_captures
+from serving.offline import InProcessModel
+from visionloop.manifest import ModelManifest
+
+pytestmark = pytest.mark.slow
+MINORITY = ["coat", "sandal", "bag"]
+
+
+@pytest.fixture(scope="module")
+def pool_predictions(small_scenario: Path, trained_version: Path):
+    """(image bytes, reply, true label) for every pool image, from the served model path."""
+    with open(small_scenario / "pool_labels.csv") as f:
+        truth = {row["file"]: row["label"] for row in csv.DictReader(f)}
+    files = sorted((small_scenario / "pool").rglob("*.png"))
+    data = [f.read_bytes() for f in files]
+    replies = InProcessModel(trained_version).predict(data)
+    return [(d, r, truth[f.name]) for d, r, f in zip(data, replies, files, strict=True)]
+
+
+def capture_store(labelstudio, name: str, predictions) -> Path:
+    """A capture store under Label Studio's local-files root holding every prediction."""
+    root = labelstudio.files_root / name
+    store = CaptureStore(root, CapturePolicy(max_confidence=1.01, per_minute=10**6))
+    assert all(store.capture_batch([(d, f"req-{i}", r) for i, (d, r, _) in
+                                    enumerate(predictions)]))
+    return root
+
+
+def links(root: Path) -> dict[str, int | None]:
+    conn = connect_captures(root / "captures.sqlite3")
+    try:
+        return dict(conn.execute("SELECT image_sha256, task_id FROM captures").fetchall())
+    finally:
+        conn.close()
+
+
+def project_for(labelstudio, trained_version: Path, title: str):
+    client = connect(labelstudio)
+    manifest = ModelManifest.load(trained_version)
+    return client, manifest, ensure_project(client, title, manifest.classes)
+
+
+def tasks_of(client, project) -> list:
+    return list(client.tasks.list(project=project.id, fields="all"))
+
+
+def choice(label: str) -> list[dict]:
+    return [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
+             "value": {"choices": [label]}}]
+
+
+def test_push_ranks_imports_predictions_and_is_idempotent(labelstudio, trained_version,
+                                                          pool_predictions):
+    root = capture_store(labelstudio, "push", pool_predictions)
+    client, manifest, project = project_for(labelstudio, trained_version, "push test")
+    assert ensure_project(client, "push test", manifest.classes).id == project.id  # found again
+
+    options = PushOptions(budget=8, strategy="least_confidence", chunk_size=3)
+    result = push(root, client, project, manifest.name, MINORITY, options,
+                  files_root=labelstudio.files_root)
+    assert result.pushed == 8 and len(set(result.task_ids)) == 8
+
+    # the 8 least confident distinct images became the tasks, each with the model's guess
+    by_sha = {}
+    for data, reply, _ in pool_predictions:
+        by_sha[hashlib.sha256(data).hexdigest()] = reply
+    expected = sorted(by_sha, key=lambda s: by_sha[s]["uncertainty"]["max_prob"])[:8]
+    tasks = tasks_of(client, project)
+    assert sorted(t.data["capture_sha"] for t in tasks) == sorted(expected)
+    for task in tasks:
+        reply = by_sha[task.data["capture_sha"]]
+        (prediction,) = task.predictions
+        assert prediction.model_version == manifest.version
+        assert prediction.score == pytest.approx(reply["uncertainty"]["max_prob"], abs=1e-6)
+        assert prediction.result[0]["value"]["choices"] == [reply["predictions"][0]["label"]]
+        # the image is served by Label Studio from the capture store, not copied into it
+        assert task.data["image"].startswith("/data/local-files/?d=push/images/")
+    linked = links(root)
+    assert {s: linked[s] for s in expected} == {t.data["capture_sha"]: t.id for t in tasks}
+
+    # a repeat with nothing new creates nothing; a lost record is found again, not re-imported
+    assert push(root, client, project, manifest.name, MINORITY,
+                PushOptions(budget=0), files_root=labelstudio.files_root).pushed == 0
+    conn = connect_captures(root / "captures.sqlite3")
+    conn.execute("UPDATE captures SET task_id = NULL WHERE image_sha256 IN (?, ?)",
+                 tuple(expected[:2]))
+    conn.close()
+    again = push(root, client, project, manifest.name, MINORITY, PushOptions(budget=4),
+                 files_root=labelstudio.files_root)
+    assert again.reconciled == 2 and again.pushed == 4
+    shas = [t.data["capture_sha"] for t in tasks_of(client, project)]
+    assert len(shas) == 12 and len(set(shas)) == 12  # no image is ever two tasks
+
+
+def test_duplicates_become_the_existing_task(labelstudio, trained_version, pool_predictions):
+    root = capture_store(labelstudio, "dupes", pool_predictions[:20])
+    client, manifest, project = project_for(labelstudio, trained_version, "dedupe test")
+    first = push(root, client, project, manifest.name, MINORITY,
+                 PushOptions(budget=20, strategy="least_confidence"),
+                 files_root=labelstudio.files_root)
+    tasks = {t.data["capture_sha"]: t.id for t in tasks_of(client, project)}
+    # the same bytes again, and the same garment re-encoded as JPEG
+    data, reply, _ = pool_predictions[0]
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("L").save(buf, "JPEG", quality=75)
+    store = CaptureStore(root, CapturePolicy(max_confidence=1.01))
+    assert store.capture_batch([(data, "again", reply), (buf.getvalue(), "jpeg", reply)]) == \
+        [True, True]
+    second = push(root, client, project, manifest.name, MINORITY,
+                  PushOptions(budget=20, strategy="least_confidence"),
+                  files_root=labelstudio.files_root)
+    assert second.pushed == 0 and second.exact_duplicates == 1 and second.near_duplicates == 1
+    assert len(tasks_of(client, project)) == first.pushed
+    original_task = tasks[hashlib.sha256(data).hexdigest()]
+    assert links(root)[hashlib.sha256(buf.getvalue()).hexdigest()] == original_task
+
+
+def test_class_balanced_push_prefers_minority_classes(labelstudio, trained_version,
+                                                      pool_predictions):
+    root = capture_store(labelstudio, "balanced", pool_predictions)
+    client, manifest, project = project_for(labelstudio, trained_version, "balanced test")
+    result = push(root, client, project, manifest.name, MINORITY,
+                  PushOptions(budget=10, strategy="class_balanced", minority_share=0.6),
+                  files_root=labelstudio.files_root)
+    minority_idx = [manifest.classes.index(c) for c in MINORITY]
+    mass = {t.data["capture_sha"]: 0.0 for t in tasks_of(client, project)}
+    assert len(mass) == 10
+    all_mass = sorted((sum(r["probabilities"][i] for i in minority_idx),
+                       hashlib.sha256(d).hexdigest()) for d, r, _ in pool_predictions)
+    top6 = {sha for _, sha in all_mass[-6:]}
+    assert top6 <= set(mass), "the 6 reserved places go to the highest minority mass"
+    assert result.pushed == 10
+
+
+def test_annotations_are_pulled_with_edits_deletions_and_unknown_labels(
+        labelstudio, trained_version, pool_predictions, tmp_path):
+    root = capture_store(labelstudio, "pull", pool_predictions[:12])
+    client, manifest, project = project_for(labelstudio, trained_version, "pull test")
+    push(root, client, project, manifest.name, MINORITY, PushOptions(budget=6),
+         files_root=labelstudio.files_root)
+    truth = {hashlib.sha256(d).hexdigest(): label for d, _, label in pool_predictions}
+    tasks = tasks_of(client, project)
+    # someone adds a class in Label Studio that the model does not have
+    config = client.projects.get(id=project.id).label_config
+    client.projects.update(id=project.id,
+                           label_config=config.replace("</Choices>", '<Choice value="hat"/>'
+                                                       "</Choices>"))
+    answers = {}
+    for task in tasks[:4]:
+        answers[task.id] = truth[task.data["capture_sha"]]
+        client.annotations.create(id=task.id, result=choice(answers[task.id]))
+    client.annotations.create(id=tasks[4].id, result=choice("hat"))
+    client.annotations.create(id=tasks[5].id, result=[], was_cancelled=True)  # skipped
+
+    labels = tmp_path / "labels"
+    first = pull(labels, root, client, project)
+    assert (first.added, first.changed, first.removed) == (5, 0, 0)
+    assert first.unknown_labels == {"hat": 1} and first.skipped_tasks == 1
+    tree = {p.name.split(".")[0]: p.parent.name for p in (labels / "images").rglob("*.png")}
+    assert tree == {t.data["capture_sha"]: answers[t.id] for t in tasks[:4]}
+    assert sum(labelled_counts(labels).values()) == 4
+
+    again = pull(labels, root, client, project)  # nothing new: nothing changes
+    assert (again.added, again.changed, again.removed) == (0, 0, 0)
+
+    # an annotator corrects one answer and deletes another
+    edited, deleted = tasks[0], tasks[1]
+    new_label = next(c for c in manifest.classes if c != answers[edited.id])
+    client.annotations.update(id=client.tasks.get(id=edited.id).annotations[0]["id"],
+                              result=choice(new_label))
+    client.annotations.delete(id=client.tasks.get(id=deleted.id).annotations[0]["id"])
+    third = pull(labels, root, client, project)
+    assert (third.added, third.changed, third.removed) == (0, 1, 1)
+    tree = {p.name.split(".")[0]: p.parent.name for p in (labels / "images").rglob("*.png")}
+    assert tree[edited.data["capture_sha"]] == new_label
+    assert deleted.data["capture_sha"] not in tree and len(tree) == 3
+
+
+def test_webhook_events_reach_the_receiver_and_trigger_retraining(
+        labelstudio, trained_version, pool_predictions, tmp_path):
+    root = capture_store(labelstudio, "webhook", pool_predictions[:6])
+    client, manifest, project = project_for(labelstudio, trained_version, "webhook test")
+    push(root, client, project, manifest.name, MINORITY, PushOptions(budget=3),
+         files_root=labelstudio.files_root)
+    marker = tmp_path / "retrained"
+    trigger = RetrainTrigger(tmp_path / "events.json", threshold=2,
+                             command=[sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
+    backend = BackendServer(("127.0.0.1", 0), None, trigger)
+    serve_in_thread(backend)
+    try:
+        client.webhooks.create(url=f"{backend.url}/webhook", project=project.id,
+                               send_payload=True, send_for_all_actions=False,
+                               actions=["ANNOTATION_CREATED", "ANNOTATION_UPDATED"])
+        for task in tasks_of(client, project)[:2]:
+            client.annotations.create(id=task.id, result=choice(manifest.classes[0]))
+        trigger.wait(30)
+        assert trigger.state["events"] == {"ANNOTATION_CREATED": 2}
+        assert trigger.state["triggers"] == 1 and marker.exists()
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+
+def test_label_studio_calls_the_ml_backend_for_predictions(labelstudio, trained_version,
+                                                           pool_predictions):
+    client, manifest, project = project_for(labelstudio, trained_version, "ml backend test")
+    # tasks created elsewhere (no prediction), with the image inline
+    sample = pool_predictions[:3]
+    response = client.projects.import_tasks(id=project.id, return_task_ids=True, request=[
+        {"data": {"image": "data:image/png;base64," + base64.b64encode(d).decode()}}
+        for d, _, _ in sample])
+    store = trained_version.parent.parent
+    predictor = Predictor(store, manifest.name, manifest.version, labelstudio.url,
+                          server.api_token(labelstudio))
+    backend = BackendServer(("127.0.0.1", 0), predictor,
+                            RetrainTrigger(labelstudio.data_dir / "ml-events.json", 10**6, None))
+    serve_in_thread(backend)
+    try:
+        client.ml.create(project=project.id, url=backend.url, title="visionloop")
+        client.actions.create(id="retrieve_tasks_predictions", project=project.id,
+                              selected_items={"all": False, "included": response.task_ids})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            tasks = {t.id: t for t in tasks_of(client, project)}
+            if all(tasks[i].predictions for i in response.task_ids):
+                break
+            time.sleep(1)
+        for task_id, (_, reply, _) in zip(response.task_ids, sample, strict=True):
+            (prediction,) = tasks[task_id].predictions
+            assert prediction.model_version == f"{manifest.name}-{manifest.version}"
+            assert prediction.result[0]["value"]["choices"] == [reply["predictions"][0]["label"]]
+            assert prediction.score == pytest.approx(reply["predictions"][0]["probability"],
+                                                     abs=1e-5)
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+
+def test_label_studio_stopped_mid_push_loses_nothing_and_the_next_push_catches_up(
+        labelstudio, trained_version, pool_predictions, tmp_path):
+    root = capture_store(labelstudio, "down", pool_predictions[:30])
+    client, manifest, project = project_for(labelstudio, trained_version, "outage test")
+    labels = tmp_path / "labels"
+
+    def stop_after_first_chunk(pushed: int) -> None:
+        server.stop(labelstudio)
+
+    options = PushOptions(budget=15, chunk_size=5)
+    with pytest.raises(LabelStudioUnavailable):
+        push(root, client, project, manifest.name, MINORITY, options,
+             on_chunk=stop_after_first_chunk, files_root=labelstudio.files_root)
+    assert sum(t is not None for t in links(root).values()) == 5  # only what arrived
+    with pytest.raises(LabelStudioUnavailable):
+        pull(labels, root, client, project)
+    assert not (labels / "images").exists() or not any((labels / "images").rglob("*.png"))
+
+    server.start(labelstudio)
+    client = connect(labelstudio)
+    result = push(root, client, project, manifest.name, MINORITY, options,
+                  files_root=labelstudio.files_root)
+    assert result.pushed == 15
+    shas = [t.data["capture_sha"] for t in tasks_of(client, project)]
+    assert len(shas) == 20 and len(set(shas)) == 20
+    linked = links(root)
+    assert sorted(t for t in linked.values() if t is not None) == \
+        sorted(t.id for t in tasks_of(client, project))
+    assert json.loads(json.dumps(result.pushed_classes))  # serialisable for the CLI
