@@ -16,7 +16,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DATA := data/fashion-mnist-lt
 MINORITY := coat,sandal,bag
 
-.PHONY: setup demo test test-fast lint bench-train bench-imbalance bench-serving clean-venv
+.PHONY: setup demo test test-fast lint bench-train bench-imbalance bench-serving bench-labeling clean-venv
 
 setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST)
 
@@ -68,5 +68,8 @@ bench-imbalance: setup
 bench-serving: setup
 	$(PY) -m bench.serving
 
+bench-labeling: setup
+	$(PY) -m bench.label_strategies
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LS_VENV)
