@@ -9,6 +9,8 @@ import csv
 import hashlib
 import io
 import json
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -189,6 +191,11 @@ def test_annotations_are_pulled_with_edits_deletions_and_unknown_labels(
 
     again = pull(labels, root, client, project)  # nothing new: nothing changes
     assert (again.added, again.changed, again.removed) == (0, 0, 0)
+    # a pull that died after its database commit left the tree short: the next one completes it
+    next((labels / "images").rglob("*.png")).unlink()
+    resumed = pull(labels, root, client, project)
+    assert (resumed.added, resumed.changed, resumed.removed) == (0, 0, 0)
+    assert len(list((labels / "images").rglob("*.png"))) == 4
 
     # an annotator corrects one answer and deletes another
     edited, deleted = tasks[0], tasks[1]
@@ -207,8 +214,10 @@ def test_webhook_events_reach_the_receiver_and_trigger_retraining(
         labelstudio, trained_version, pool_predictions, tmp_path):
     root = capture_store(labelstudio, "webhook", pool_predictions[:6])
     client, manifest, project = project_for(labelstudio, trained_version, "webhook test")
-    push(root, client, project, manifest.name, MINORITY, PushOptions(budget=3),
-         files_root=labelstudio.files_root)
+    push(root, client, project, manifest.name, MINORITY,
+         PushOptions(budget=3, transport="base64"), files_root=labelstudio.files_root)
+    assert all(t.data["image"].startswith("data:image/png;base64,")
+               for t in tasks_of(client, project))
     marker = tmp_path / "retrained"
     trigger = RetrainTrigger(tmp_path / "events.json", threshold=2,
                              command=[sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
@@ -292,3 +301,35 @@ def test_label_studio_stopped_mid_push_loses_nothing_and_the_next_push_catches_u
     assert sorted(t for t in linked.values() if t is not None) == \
         sorted(t.id for t in tasks_of(client, project))
     assert json.loads(json.dumps(result.pushed_classes))  # serialisable for the CLI
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "visionloop.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_push_pull_and_an_unreachable_server(labelstudio, trained_version,
+                                                 pool_predictions, tmp_path):
+    # the CLI serves images from the capture dir as Label Studio's files root
+    capture_store(labelstudio, ".", pool_predictions[:10])
+    store = trained_version.parent.parent
+    common = ["--name", trained_version.parent.name, "--store", str(store),
+              "--labelstudio-dir", str(labelstudio.data_dir),
+              "--labelstudio-port", str(labelstudio.port),
+              "--capture-dir", str(labelstudio.files_root), "--labels-dir", str(tmp_path)]
+    pushed = run_cli("label", "push", "--budget", "3", *common)
+    assert pushed.returncode == 0, pushed.stderr
+    summary = json.loads(pushed.stdout)
+    assert summary["pushed"] == 3 and sorted(summary["minority"]) == sorted(MINORITY)
+    pulled = run_cli("label", "pull", *common)
+    assert pulled.returncode == 0 and json.loads(pulled.stdout)["labelled_tasks"] == 0
+    status = run_cli("labelstudio", "status", "--labelstudio-dir", str(labelstudio.data_dir),
+                     "--labelstudio-port", str(labelstudio.port))
+    assert json.loads(status.stdout)["healthy"] is True
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = str(s.getsockname()[1])
+    down = run_cli("label", "pull", *common[:-6], "--labelstudio-port", closed_port,
+                   "--capture-dir", str(labelstudio.files_root), "--labels-dir", str(tmp_path))
+    assert down.returncode == 3 and "nothing lost" in down.stdout
