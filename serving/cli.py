@@ -51,12 +51,15 @@ def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
 def run_promote(args: argparse.Namespace) -> int:
     """Package VERSION into the running server's model store and make it the default."""
     from serving.promote import promote
+    from visionloop.registry import Registry
+    from visionloop.store import ModelStore
 
     version, mar = _package(args)
     print(mar)
     cfg = ServerConfig(home=args.home, model_store=args.export_path,
                        management_port=args.management_port)
     old = promote(cfg, args.name, version, mar.name)
+    Registry(ModelStore(args.store), args.name).set_champion(version)
     print(f"{args.name}: {version} is the default" + (f", {old} removed" if old else ""))
     return 0
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import shutil
 import socket
 import urllib.error
@@ -20,6 +19,7 @@ from skimage import data as skdata
 from serving import server
 from serving.archive import package
 from serving.capture import connect, image_path
+from tests.servers import free_ports, predict
 from trainer.data import load_image_tensor
 from trainer.models import build_model
 from visionloop.manifest import ModelManifest
@@ -27,19 +27,6 @@ from visionloop.preprocess import preprocess_image
 
 pytestmark = pytest.mark.slow
 BACKENDS = ("torchscript", "onnx")
-
-
-def free_ports() -> dict[str, int]:
-    """Five distinct free loopback ports: HTTP inference/management/metrics and gRPC."""
-    names = ("inference_port", "management_port", "metrics_port", "grpc_inference_port",
-             "grpc_management_port")
-    sockets = [socket.socket() for _ in names]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = {name: s.getsockname()[1] for name, s in zip(names, sockets, strict=True)}
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -56,21 +43,6 @@ def torchserve(trained_version: Path, tmp_path_factory: pytest.TempPathFactory):
         import os
 
         os.kill(pid, 0)  # Java is gone, not orphaned
-
-
-def predict(cfg: server.ServerConfig, model: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{cfg.url('inference')}/predictions/{model}", data=body,
-                                     method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        text = exc.read()
-        try:
-            return exc.code, json.loads(text)
-        except json.JSONDecodeError:
-            return exc.code, {"raw": text.decode(errors="replace")}
 
 
 def test_served_predictions_equal_the_in_process_model(torchserve, trained_version,

@@ -16,6 +16,7 @@ _HELP = {
     "imbalance": "none | oversample | class_balanced | logit_adjust",
     "minority": "comma-separated class names reported as minority (default: detected)",
     "augment": "none | light | standard | strong",
+    "extra_train": "comma-separated ImageFolder trees added to train/ (e.g. labels/images)",
 }
 
 
@@ -30,7 +31,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text)
             continue
-        kind = {"int": int, "float": float}.get(str(f.type), str)
+        kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
         parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 

@@ -16,6 +16,12 @@ from trainer.optim import OPTIMIZERS, SCHEDULES
 @dataclass(frozen=True)
 class TrainConfig:
     data: str  # ImageFolder root holding train/ and optionally val/ and test/
+    # more labelled ImageFolder trees (e.g. pulled labels) added to train/; any subset of
+    # train/'s classes
+    extra_train: tuple[str, ...] = ()
+    # at most this many train/ images per class (a seeded random subset): fast warm-start
+    # fine-tunes that replay part of the base data next to new labels; None = all
+    base_per_class: int | None = None
     out: str = "model_store"  # model_store root; the new version lands in out/<name>/vN
     name: str = "classifier"
     arch: str = "efficientnet_lite0"  # or any torchvision classification model name
@@ -95,7 +101,8 @@ def load_config(file: str | None, overrides: dict[str, Any]) -> TrainConfig:
                 if f.default is MISSING and f.name not in values]
     if required:
         raise ValueError(f"missing required option(s): {required}")
-    if "minority" in values and isinstance(values["minority"], (list, str)):
-        items = values["minority"]
-        values["minority"] = tuple(items.split(",") if isinstance(items, str) else items)
+    for f in fields(TrainConfig):  # lists: comma-separated on the command line
+        items = values.get(f.name)
+        if str(f.type).startswith("tuple") and isinstance(items, (list, str)):
+            values[f.name] = tuple(items.split(",") if isinstance(items, str) else items)
     return TrainConfig(**values)

@@ -42,12 +42,12 @@ class ImageFolderIndex:
         return counts
 
 
-def find_classes(root: Path) -> tuple[str, ...]:
+def find_classes(root: Path, minimum: int = 2) -> tuple[str, ...]:
     if not root.is_dir():
         raise DataError(f"{root} is not a directory")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(classes) < 2:
-        raise DataError(f"{root} needs at least two class folders, found {classes}")
+    if len(classes) < minimum:
+        raise DataError(f"{root} needs at least {minimum} class folders, found {classes}")
     return tuple(classes)
 
 
@@ -71,19 +71,24 @@ def _resolve_inside(path: Path, root: Path) -> Path:
 
 
 def scan_image_folder(root: str | Path, classes: tuple[str, ...] | None = None,
-                      on_corrupt: str = "fail") -> ImageFolderIndex:
-    """List and decode-check every image under root/<class>/; classes fixes the label order."""
+                      on_corrupt: str = "fail", subset: bool = False) -> ImageFolderIndex:
+    """List and decode-check every image under root/<class>/; classes fixes the label order.
+
+    subset: the tree may hold only some of the classes (labels pulled so far).
+    """
     if on_corrupt not in ("fail", "skip"):
         raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
     root = Path(root)
-    found = find_classes(root)
+    found = find_classes(root, minimum=0 if subset else 2)
     classes = classes or found
-    if set(found) != set(classes):
+    missing, extra = set(classes) - set(found), set(found) - set(classes)
+    if extra or (missing and not subset):
         raise DataError(f"{root} has classes {sorted(found)} but {sorted(classes)} were expected "
-                        f"(missing: {sorted(set(classes) - set(found))}, "
-                        f"extra: {sorted(set(found) - set(classes))})")
+                        f"(missing: {sorted(missing)}, extra: {sorted(extra)})")
     samples, skipped = [], []
     for label, name in enumerate(classes):
+        if name in missing:
+            continue
         files = sorted(p for p in (root / name).rglob("*")
                        if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
         if not files:

@@ -98,6 +98,18 @@ def _hold_out(samples: list[tuple[Path, int]], fraction: float,
     return keep, held
 
 
+def _per_class_subset(samples: list[tuple[Path, int]], per_class: int | None,
+                      seed: int) -> list[tuple[Path, int]]:
+    if per_class is None:
+        return samples
+    rng = random.Random(seed)
+    by_class: dict[int, list] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    return [s for label in sorted(by_class)
+            for s in rng.sample(by_class[label], min(per_class, len(by_class[label])))]
+
+
 def load_splits(cfg: TrainConfig, classes: tuple[str, ...] | None = None) -> Splits:
     root = Path(cfg.data)
     if not (root / "train").is_dir():
@@ -106,19 +118,26 @@ def load_splits(cfg: TrainConfig, classes: tuple[str, ...] | None = None) -> Spl
     train = scan_image_folder(root / "train", classes, cfg.on_corrupt)
     classes = train.classes
     indexes = [train]
+    base = _per_class_subset(train.samples, cfg.base_per_class, cfg.seed)
+    extra = []
+    for tree in cfg.extra_train:
+        index = scan_image_folder(tree, classes, cfg.on_corrupt, subset=True)
+        indexes.append(index)
+        extra += index.samples
     optional: dict[str, ImageFolderIndex | None] = {}
     for split in ("val", "test"):
         folder = root / split
         optional[split] = (scan_image_folder(folder, classes, cfg.on_corrupt)
                            if folder.is_dir() else None)
         indexes += [optional[split]] if optional[split] else []
-    train_samples, val_samples = train.samples, None
+    train_samples, val_samples = base, None
     calibration_split = "val/"
     if optional["val"] is not None:
         val_samples = optional["val"].samples
     else:
-        train_samples, val_samples = _hold_out(train.samples, cfg.val_fraction, cfg.seed)
+        train_samples, val_samples = _hold_out(base, cfg.val_fraction, cfg.seed)
         calibration_split = f"{cfg.val_fraction:.0%} of train/ held out"
+    train_samples = train_samples + extra  # new labels train; they never become val
     test = optional["test"]
     counts = [0] * len(classes)
     for _, label in train_samples:

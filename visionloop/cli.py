@@ -9,6 +9,7 @@ import sys
 from labeling import cli as labeling_cli
 from serving import cli as serving_cli
 from trainer import cli as trainer_cli
+from visionloop import loop_cli
 
 # Errors a user can fix from the message alone: printed without a traceback, exit code 2.
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
@@ -29,6 +30,8 @@ COMMANDS = (
      labeling_cli.add_labelstudio_arguments, labeling_cli.run_labelstudio),
     ("label", "push uncertain captures to Label Studio, pull labels, serve the ML backend",
      labeling_cli.add_label_arguments, labeling_cli.run_label),
+    ("retrain", "pull labels, fine-tune a challenger, promote it only if it is not worse",
+     loop_cli.add_retrain_arguments, loop_cli.run_retrain),
 )
 
 

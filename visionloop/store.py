@@ -107,3 +107,12 @@ class ModelStore:
 
     def discard(self, staging_dir: Path) -> None:
         shutil.rmtree(staging_dir, ignore_errors=True)
+
+    def discard_all_staging(self, name: str) -> int:
+        """Remove staging dirs a killed run left behind; only call while holding the retrain
+        lock (a staging dir of a live run would go too)."""
+        model_dir = self.model_dir(name)
+        stale = list(model_dir.glob(".staging-*")) if model_dir.is_dir() else []
+        for staging in stale:
+            self.discard(staging)
+        return len(stale)

@@ -1,0 +1,38 @@
+"""Helpers for tests that run real servers: free loopback ports, an inference request."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+from serving import server
+
+
+def free_ports() -> dict[str, int]:
+    """Five distinct free loopback ports: HTTP inference/management/metrics and gRPC."""
+    names = ("inference_port", "management_port", "metrics_port", "grpc_inference_port",
+             "grpc_management_port")
+    sockets = [socket.socket() for _ in names]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = {name: s.getsockname()[1] for name, s in zip(names, sockets, strict=True)}
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def predict(cfg: server.ServerConfig, model: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{cfg.url('inference')}/predictions/{model}", data=body,
+                                     method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        try:
+            return exc.code, json.loads(text)
+        except json.JSONDecodeError:
+            return exc.code, {"raw": text.decode(errors="replace")}

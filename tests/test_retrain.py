@@ -1,0 +1,152 @@
+"""The retrain job against real training, real files and a real TorchServe: too few labels
+do nothing; a worse challenger is kept out; one within tolerance is promoted and answers the
+next request; a retrain killed mid-training leaves the champion serving and the next run
+recovers."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from serving import server
+from serving.archive import package
+from tests.servers import free_ports, predict
+from visionloop.lock import FileLock
+from visionloop.registry import Registry
+from visionloop.retrain import RetrainConfig, retrain_once
+from visionloop.store import ModelStore
+
+pytestmark = pytest.mark.slow
+
+
+def make_store(trained_version: Path, root: Path) -> Path:
+    """A private model_store holding a copy of the session's trained version as champion."""
+    store = root / "store"
+    shutil.copytree(trained_version, store / trained_version.parent.name / trained_version.name)
+    return store
+
+
+def write_labels(labels_dir: Path, small_scenario: Path, wrong: bool = False) -> int:
+    """The pool with its true labels (or every label shifted by one class), as pull writes it."""
+    with open(small_scenario / "pool_labels.csv") as f:
+        truth = {row["file"]: row["label"] for row in csv.DictReader(f)}
+    classes = sorted({label for label in truth.values()})
+    for file, label in truth.items():
+        if wrong:
+            label = classes[(classes.index(label) + 1) % len(classes)]
+        target = labels_dir / "images" / label / file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(small_scenario / "pool" / file, target)
+    return len(truth)
+
+
+def config(store: Path, small_scenario: Path, labels: Path, **overrides) -> RetrainConfig:
+    values = dict(name="fm", store=store, data=small_scenario, labels_dir=labels, pull=False,
+                  min_new_labels=10, epochs=2, base_per_class=20, lr=1e-3,
+                  max_macro_f1_drop=0.05, max_minority_recall_drop=0.1,
+                  work_dir=store.parent / "work")
+    values.update(overrides)
+    return RetrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def serving_champion(trained_version: Path, tmp_path_factory: pytest.TempPathFactory):
+    """TorchServe serving the champion (v1 of a private store)."""
+    root = tmp_path_factory.mktemp("retrain")
+    store = make_store(trained_version, root)
+    home = root / "torchserve"
+    cfg = server.ServerConfig(home=home, model_store=home / "model-store",
+                              capture_dir=root / "captures", **free_ports())
+    mar = package(store / "fm" / "v1", cfg.model_store, "torchscript")
+    server.start(cfg, {"fm": mar.name})
+    yield store, cfg
+    server.stop(cfg)
+
+
+def test_too_few_new_labels_do_nothing(trained_version, small_scenario, tmp_path):
+    store = make_store(trained_version, tmp_path)
+    labels = tmp_path / "labels"
+    write_labels(labels, small_scenario)
+    cfg = config(store, small_scenario, labels, min_new_labels=1000)
+    assert retrain_once(cfg) is None
+    assert ModelStore(store).versions("fm") == ["v1"]
+    assert not (store / "fm" / "registry.md").exists()
+
+
+def test_worse_challenger_is_kept_out_and_a_good_one_serves_the_next_request(
+        serving_champion, small_scenario, tmp_path):
+    store, torchserve = serving_champion
+    image = next((small_scenario / "test").rglob("*.png")).read_bytes()
+    assert predict(torchserve, "fm", image)[1]["version"] == "v1"
+
+    wrong = tmp_path / "wrong-labels"
+    write_labels(wrong, small_scenario, wrong=True)
+    bad = retrain_once(config(store, small_scenario, wrong, epochs=3, lr=5e-3, base_per_class=2),
+                       torchserve=torchserve)
+    assert bad is not None and not bad.promoted, bad
+    assert bad.challenger_metrics["macro_f1"] < bad.champion_metrics["macro_f1"] - 0.05
+    assert Registry(ModelStore(store), "fm").champion() == "v1"
+    assert predict(torchserve, "fm", image)[1]["version"] == "v1"
+
+    right = tmp_path / "labels"
+    write_labels(right, small_scenario)
+    good = retrain_once(config(store, small_scenario, right), torchserve=torchserve)
+    assert good is not None and good.promoted, good
+    assert good.champion == "v1" and good.challenger == "v3"
+    assert Registry(ModelStore(store), "fm").champion() == "v3"
+    status, reply = predict(torchserve, "fm", image)
+    assert status == 200 and reply["version"] == "v3"
+    log = (store / "fm" / "registry.md").read_text()
+    assert "| v1 | v2 |" in log and "kept champion" in log and "promoted" in log
+    # the same labels again are not new: a scheduled run does nothing
+    assert retrain_once(config(store, small_scenario, right), torchserve=torchserve) is None
+
+
+def test_retrain_killed_mid_training_leaves_the_champion_serving(
+        serving_champion, small_scenario, tmp_path):
+    store, torchserve = serving_champion
+    champion = Registry(ModelStore(store), "fm").champion()
+    versions_before = ModelStore(store).versions("fm")
+    labels = tmp_path / "labels"
+    write_labels(labels, small_scenario)
+    # new label files (other names) so this run has work to do
+    for path in list((labels / "images").rglob("*.png")):
+        path.rename(path.with_name("again-" + path.name))
+    work = tmp_path / "work"
+    command = [sys.executable, "-m", "visionloop.cli", "retrain", "--name", "fm",
+               "--store", str(store), "--data", str(small_scenario), "--labels-dir", str(labels),
+               "--no-pull", "--min-new-labels", "10", "--epochs", "30", "--base-per-class", "60",
+               "--work-dir", str(work), "--torchserve-home", str(torchserve.home),
+               "--management-port", str(torchserve.management_port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list((work / "checkpoints").glob("*.pt")):  # a finished epoch: mid-training
+        assert process.poll() is None, process.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+
+    image = next((small_scenario / "test").rglob("*.png")).read_bytes()
+    status, reply = predict(torchserve, "fm", image)
+    assert status == 200 and reply["version"] == champion
+    assert Registry(ModelStore(store), "fm").champion() == champion
+    assert ModelStore(store).versions("fm") == versions_before
+    with FileLock(store / "fm" / ".retrain.lock"):  # the dead run's lock is free
+        pass
+    # the next run starts clean and finishes
+    decision = retrain_once(config(store, small_scenario, labels, epochs=1,
+                                   max_macro_f1_drop=1.0, max_minority_recall_drop=1.0),
+                            torchserve=torchserve)
+    assert decision is not None and decision.promoted
+    assert not list((store / "fm").glob(".staging-*"))
+    assert predict(torchserve, "fm", image)[1]["version"] == decision.challenger

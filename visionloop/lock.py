@@ -1,0 +1,40 @@
+"""One retrain at a time: an flock on a file, which the kernel releases when the holder dies.
+
+A pid file would survive a crash and block every later run; an flock cannot.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+
+class LockBusy(RuntimeError):
+    """Another process holds the lock."""
+
+
+class FileLock:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def __enter__(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise LockBusy(f"{self.path} is held (pid {holder or 'unknown'})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())  # for the message above; the lock is the flock
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

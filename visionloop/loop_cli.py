@@ -1,0 +1,64 @@
+"""Command-line front end of the loop: `visionloop retrain` (once, or --every DURATION)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, asdict, fields
+from pathlib import Path
+
+from labeling.cli import add_server_arguments, server_config
+from serving.server import ServerConfig
+from visionloop.retrain import RetrainConfig
+
+_TYPES = {"int": int, "int | None": int, "float": float, "Path": Path, "str": str}
+
+
+def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per RetrainConfig field, plus where Label Studio and TorchServe run."""
+    for f in fields(RetrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "capture_dir":
+            continue  # shared with Label Studio's arguments below
+        if str(f.type) == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f"{f.name.replace('_', ' ')} (default: {f.default})")
+            continue
+        default = None if f.default is MISSING else f.default
+        parser.add_argument(flag, type=_TYPES[str(f.type)], default=default,
+                            help=f"{f.name.replace('_', ' ')} (default: {default})")
+    add_server_arguments(parser)
+    parser.add_argument("--torchserve-home", type=Path, default=ServerConfig.home,
+                        help="the running TorchServe to promote into (skipped if not running)")
+    parser.add_argument("--management-port", type=int, default=ServerConfig.management_port)
+    parser.add_argument("--every", help="keep running: once per DURATION (e.g. 30m, 6h)")
+
+
+def run_retrain(args: argparse.Namespace) -> int:
+    from labeling.client import LabelStudioUnavailable
+    from visionloop.lock import LockBusy
+    from visionloop.retrain import parse_duration, retrain_once, run_every
+
+    cfg = RetrainConfig(**{f.name: getattr(args, f.name) for f in fields(RetrainConfig)})
+    labelstudio = server_config(args)
+    torchserve = ServerConfig(home=args.torchserve_home,
+                              model_store=args.torchserve_home / "model-store",
+                              management_port=args.management_port)
+
+    def once() -> int:
+        decision = retrain_once(cfg, labelstudio, torchserve)
+        print(json.dumps(asdict(decision) if decision else {"skipped": "too few new labels"},
+                         indent=2), flush=True)
+        return 0
+
+    if args.every:
+        run_every(parse_duration(args.every), once)
+        return 0
+    try:
+        return once()
+    except LockBusy as exc:
+        print(f"visionloop retrain: another retrain is running ({exc})")
+        return 4
+    except LabelStudioUnavailable as exc:
+        print(f"visionloop retrain: {exc}; the champion keeps serving, run it again")
+        return 3

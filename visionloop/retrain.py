@@ -1,0 +1,243 @@
+"""`visionloop retrain`: the scheduled job that closes the loop.
+
+    lock -> pull labels -> enough new ones? -> fine-tune a challenger from the champion on
+    base data + labels -> evaluate both on the same test set -> gate -> promote or keep
+
+The gate: the challenger is promoted only if its macro-F1 is not below the champion's by
+more than `max_macro_f1_drop` AND its mean minority-class recall is not below the
+champion's by more than `max_minority_recall_drop`. Every decision is appended to the
+registry (visionloop.registry). Promotion (package, zero-downtime swap in a running
+TorchServe, then the CHAMPION record) is the last step, so a failure or a kill anywhere
+before it leaves the champion serving; the trainer publishes a version only after its
+export parity checks pass, and labels are never modified here. A crashed run's lock is
+released by the kernel; its staging directories are removed by the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from labeling.server import LabelStudioConfig
+from serving.server import ServerConfig
+from visionloop.fsutil import atomic_write_json
+from visionloop.lock import FileLock
+from visionloop.registry import Decision, Registry
+from visionloop.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    name: str = "fashion"
+    store: Path = Path("model_store")
+    data: Path = Path("data/fashion-mnist-lt")  # base ImageFolder: train/, val/, test/
+    labels_dir: Path = Path("labels")  # what `visionloop label pull` writes
+    capture_dir: Path = Path("captures")
+    pull: bool = True  # pull from Label Studio first (off: use labels_dir as it is)
+    min_new_labels: int = 20  # fewer new labels since the last attempt: do nothing
+    # the challenger: a short warm-start fine-tune replaying part of the base data
+    epochs: int = 2
+    freeze_epochs: int = 0
+    lr: float = 1e-3
+    base_per_class: int | None = 300
+    seed: int = 0
+    # the gate
+    max_macro_f1_drop: float = 0.005
+    max_minority_recall_drop: float = 0.02
+    eval_per_class: int | None = None  # cap test images per class (None: the whole test/)
+    # promotion
+    backend: str = "torchscript"
+    capture_below: float = 0.7
+    work_dir: Path = Path("runs/retrain")
+
+
+@dataclass
+class Evaluation:
+    macro_f1: float
+    minority_recall: float
+    accuracy: float
+    ece: float
+    per_class_recall: dict[str, float]
+
+
+def label_files(labels_dir: Path) -> set[str]:
+    """'<class>/<file>' for every pulled, known-class label."""
+    tree = Path(labels_dir) / "images"
+    return {f"{p.parent.name}/{p.name}" for p in tree.glob("*/*") if p.is_file()}
+
+
+def _state_path(store: ModelStore, name: str) -> Path:
+    return store.model_dir(name) / "retrain_state.json"
+
+
+def labels_already_used(store: ModelStore, name: str) -> set[str]:
+    path = _state_path(store, name)
+    return set(json.loads(path.read_text())["labels_trained"]) if path.exists() else set()
+
+
+def held_out_samples(data: Path, classes: tuple[str, ...],
+                     per_class: int | None) -> list[tuple[Path, int]]:
+    samples = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (data / "test" / name).iterdir() if p.is_file())
+        samples += [(p, label) for p in files[:per_class]]
+    return samples
+
+
+def evaluate(version_dir: Path, samples: list[tuple[Path, int]],
+             minority: list[str]) -> Evaluation:
+    """Served-path predictions (TorchScript artifact, handler functions) on the test set."""
+    from serving.offline import InProcessModel
+    from trainer.metrics import classification_report, expected_calibration_error
+
+    model = InProcessModel(version_dir)
+    replies = model.predict([p.read_bytes() for p, _ in samples])
+    probs = torch.tensor([r["probabilities"] for r in replies], dtype=torch.float64)
+    labels = torch.tensor([y for _, y in samples])
+    report = classification_report(probs.clamp_min(1e-12).log(), labels, model.manifest.classes)
+    recall = {c: report["per_class"][c]["recall"] for c in model.manifest.classes}
+    return Evaluation(macro_f1=report["macro_f1"], accuracy=report["accuracy"],
+                      minority_recall=(sum(recall[c] for c in minority) / len(minority)
+                                       if minority else math.nan),
+                      ece=expected_calibration_error(probs.float(), labels),
+                      per_class_recall=recall)
+
+
+def gate(champion: Evaluation, challenger: Evaluation, cfg: RetrainConfig) -> tuple[bool, str]:
+    f1_drop = champion.macro_f1 - challenger.macro_f1
+    recall_drop = champion.minority_recall - challenger.minority_recall
+    if f1_drop > cfg.max_macro_f1_drop:
+        return False, f"macro-F1 fell {f1_drop:.4f} (> {cfg.max_macro_f1_drop})"
+    if recall_drop > cfg.max_minority_recall_drop:
+        return False, f"minority recall fell {recall_drop:.4f} (> {cfg.max_minority_recall_drop})"
+    return True, (f"macro-F1 {-f1_drop:+.4f}, minority recall {-recall_drop:+.4f} "
+                  "within tolerance")
+
+
+def train_challenger(cfg: RetrainConfig, champion: str, minority: list[str]) -> Path:
+    from trainer.config import TrainConfig
+    from trainer.train import run_training
+
+    labels = Path(cfg.labels_dir) / "images"
+    train_cfg = TrainConfig(
+        data=str(cfg.data), extra_train=(str(labels),) if labels.is_dir() else (),
+        out=str(cfg.store), name=cfg.name, parent=champion, epochs=cfg.epochs,
+        freeze_epochs=cfg.freeze_epochs, lr=cfg.lr, base_per_class=cfg.base_per_class,
+        minority=tuple(minority), seed=cfg.seed, show_progress=False,
+        work_dir=str(Path(cfg.work_dir) / "checkpoints"))
+    version_dir = run_training(train_cfg)
+    if version_dir is None:
+        raise RuntimeError("training published no version")
+    return version_dir
+
+
+def promote_version(cfg: RetrainConfig, version: str, torchserve: ServerConfig | None) -> str:
+    """Package and swap in the running TorchServe (if any); returns what was done."""
+    from serving import server
+    from serving.archive import package
+    from serving.capture import CapturePolicy
+    from serving.handler import ServingConfig
+    from serving.promote import promote
+
+    if torchserve is None or server.read_pid(torchserve) is None:
+        return "no TorchServe running: recorded as champion only"
+    store = ModelStore(cfg.store)
+    serving = ServingConfig(capture=CapturePolicy(max_confidence=cfg.capture_below))
+    mar = package(store.version_dir(cfg.name, version), torchserve.model_store, cfg.backend,
+                  serving=serving)
+    old = promote(torchserve, cfg.name, version, mar.name)
+    return f"TorchServe now serves {version}" + (f" ({old} unregistered)" if old else "")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = None,
+                 torchserve: ServerConfig | None = None) -> Decision | None:
+    """One run of the job; None when there were too few new labels to bother."""
+    store = ModelStore(cfg.store)
+    with FileLock(store.model_dir(cfg.name) / ".retrain.lock"):
+        if store.discard_all_staging(cfg.name):
+            log.info("removed staging directories left by an interrupted run")
+        if cfg.pull and labelstudio is not None:
+            pull_labels(cfg, labelstudio)
+        current = label_files(cfg.labels_dir)
+        new = current - labels_already_used(store, cfg.name)
+        if len(new) < cfg.min_new_labels:
+            log.info("%d new labels (< %d): nothing to do", len(new), cfg.min_new_labels)
+            return None
+        registry = Registry(store, cfg.name)
+        champion = registry.champion()
+        # pin it before a challenger is published: "newest version" would point at that
+        registry.set_champion(champion)
+        manifest = store.load_manifest(cfg.name, champion)
+        minority = list(manifest.metrics.get("minority", []))
+        log.info("%d new labels: fine-tuning a challenger from %s", len(new), champion)
+        challenger_dir = train_challenger(cfg, champion, minority)
+        # the attempt used these labels, promoted or not: the next run waits for new ones
+        atomic_write_json(_state_path(store, cfg.name), {"labels_trained": sorted(current)})
+        samples = held_out_samples(Path(cfg.data), manifest.classes, cfg.eval_per_class)
+        champion_eval = evaluate(store.version_dir(cfg.name, champion), samples, minority)
+        challenger_eval = evaluate(challenger_dir, samples, minority)
+        promoted, reason = gate(champion_eval, challenger_eval, cfg)
+        if promoted:
+            reason += "; " + promote_version(cfg, challenger_dir.name, torchserve)
+            registry.set_champion(challenger_dir.name)
+        decision = Decision(time=_now(), champion=champion, challenger=challenger_dir.name,
+                            new_labels=len(new), promoted=promoted, reason=reason,
+                            champion_metrics=asdict(champion_eval),
+                            challenger_metrics=asdict(challenger_eval))
+        registry.append(decision)
+        log.info("%s %s: %s", challenger_dir.name,
+                 "promoted" if promoted else "not promoted", reason)
+        return decision
+
+
+def pull_labels(cfg: RetrainConfig, labelstudio: LabelStudioConfig) -> None:
+    from labeling.client import connect, unavailable_as_error
+    from labeling.project import default_title, ensure_project
+    from labeling.pull import pull
+
+    store = ModelStore(cfg.store)
+    manifest = store.load_manifest(cfg.name, Registry(store, cfg.name).champion())
+    client = connect(labelstudio)
+    with unavailable_as_error("finding the project"):
+        project = ensure_project(client, default_title(cfg.name), manifest.classes)
+    result = pull(cfg.labels_dir, cfg.capture_dir, client, project)
+    log.info("pulled: %d labelled tasks (+%d, ~%d, -%d)", result.labelled_tasks, result.added,
+             result.changed, result.removed)
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '2h', '1d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value, unit = float(text[:-1]), units[text[-1]]
+    except (KeyError, ValueError, IndexError):
+        raise ValueError(f"duration {text!r}: use a number and s, m, h or d (e.g. 30m)") from None
+    if value <= 0:
+        raise ValueError(f"duration must be positive, got {text!r}")
+    return value * unit
+
+
+def run_every(interval_s: float, run, max_runs: int | None = None) -> None:
+    """Run, sleep the rest of the interval, repeat; a failed run is logged, the next one tries."""
+    runs = 0
+    while max_runs is None or runs < max_runs:
+        started = time.monotonic()
+        try:
+            run()
+        except Exception:  # noqa: BLE001 - a scheduler outlives one bad run
+            log.exception("retrain run failed; the champion keeps serving")
+        runs += 1
+        time.sleep(max(0.0, interval_s - (time.monotonic() - started)))
