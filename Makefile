@@ -13,12 +13,15 @@ LS_VERSION := 1.23.2
 ORT ?= cpu
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# compose v1 (Debian): validates docker-compose.yml without a Docker engine (tests/test_compose.py)
+DOCKER_COMPOSE := /usr/bin/docker-compose
 DATA := data/fashion-mnist-lt
 MINORITY := coat,sandal,bag
 
 .PHONY: setup demo test test-fast lint bench-train bench-imbalance bench-serving bench-labeling clean-venv
 
-setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST)
+setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST) \
+	$(DOCKER_COMPOSE)
 
 # torch first, from the pinned releases, so no resolver pulls another torch build.
 $(VENV)/.installed-$(ORT): pyproject.toml
@@ -41,14 +44,17 @@ $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+$(DOCKER_COMPOSE):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq --no-install-recommends docker-compose
+
 $(DATA)/scenario.json: | setup
 	$(VENV)/bin/visionloop data fashion-mnist --out $(DATA) --imbalance-ratio 100 \
 		--minority $(MINORITY) --seed 0
 
-# Until the serving and labeling stages exist, the demo trains, exports and reports.
+# The whole loop with real TorchServe and Label Studio on loopback; report in runs/demo/.
 demo: setup $(DATA)/scenario.json
-	$(VENV)/bin/visionloop train --data $(DATA) --out model_store --name fashion
-	@echo "report: model_store/fashion/$$(ls model_store/fashion | grep '^v' | sort -V | tail -1)/report.md"
+	$(VENV)/bin/visionloop demo --data $(DATA) --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q

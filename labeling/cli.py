@@ -17,14 +17,16 @@ log = logging.getLogger(__name__)
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labelstudio-dir", type=Path, default=LabelStudioConfig.data_dir,
                         help="Label Studio data dir: database, media, credentials")
+    parser.add_argument("--labelstudio-host", default=LabelStudioConfig.host,
+                        help="where Label Studio listens (we bind it here when we start it)")
     parser.add_argument("--labelstudio-port", type=int, default=LabelStudioConfig.port)
     parser.add_argument("--capture-dir", type=Path, default=LabelStudioConfig.files_root,
                         help="the capture store (Label Studio serves its images)")
 
 
 def server_config(args: argparse.Namespace) -> LabelStudioConfig:
-    return LabelStudioConfig(data_dir=args.labelstudio_dir, port=args.labelstudio_port,
-                             files_root=args.capture_dir)
+    return LabelStudioConfig(data_dir=args.labelstudio_dir, host=args.labelstudio_host,
+                             port=args.labelstudio_port, files_root=args.capture_dir)
 
 
 def add_labelstudio_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +52,8 @@ def run_labelstudio(args: argparse.Namespace) -> int:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="fashion", help="model name in the store")
     parser.add_argument("--store", type=Path, default=Path("model_store"))
-    parser.add_argument("--version", default="latest", help="model version for the classes")
+    parser.add_argument("--version", default="champion",
+                        help="model version: champion (the one serving), latest or vN")
     parser.add_argument("--project", help="Label Studio project title "
                                           "(default: 'visionloop NAME')")
     parser.add_argument("--labels-dir", type=Path, default=Path("labels"),
@@ -87,10 +90,11 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _project(args: argparse.Namespace, client):
     from labeling.project import default_title, ensure_project
+    from visionloop.registry import resolve
     from visionloop.store import ModelStore
 
     store = ModelStore(args.store)
-    manifest = store.load_manifest(args.name, store.resolve_version(args.name, args.version))
+    manifest = store.load_manifest(args.name, resolve(store, args.name, args.version))
     return manifest, ensure_project(client, args.project or default_title(args.name),
                                     manifest.classes)
 

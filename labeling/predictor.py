@@ -15,6 +15,7 @@ from pathlib import Path
 from labeling.project import FROM_NAME, IMAGE_KEY, TO_NAME
 from serving.inference import BadInput
 from serving.offline import InProcessModel
+from visionloop.registry import resolve
 from visionloop.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,8 @@ class Predictor:
         self.reload()
 
     def reload(self) -> None:
-        """Load the requested version ('latest' follows new versions on /setup)."""
-        version = self.store.resolve_version(self.model, self.requested_version)
+        """Load the requested version ('champion' or 'latest' follow promotions on /setup)."""
+        version = resolve(self.store, self.model, self.requested_version)
         if self.loaded is not None and self.loaded.manifest.version == version:
             return
         self.loaded = InProcessModel(self.store.version_dir(self.model, version))

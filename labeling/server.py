@@ -75,8 +75,13 @@ def credentials(cfg: LabelStudioConfig) -> dict[str, str]:
     return created
 
 
+TOKEN_ENV = "VISIONLOOP_LABELSTUDIO_TOKEN"
+
+
 def api_token(cfg: LabelStudioConfig) -> str:
-    return credentials(cfg)["token"]
+    """The token from the environment (a Label Studio run elsewhere, e.g. docker compose),
+    else the one generated for the server we run."""
+    return os.environ.get(TOKEN_ENV) or credentials(cfg)["token"]
 
 
 def _env(cfg: LabelStudioConfig) -> dict[str, str]:

@@ -65,8 +65,13 @@ def run_promote(args: argparse.Namespace) -> int:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("start", "stop", "status"))
+    parser.add_argument("action", choices=("start", "stop", "status", "foreground", "ready"),
+                        help="start (background, waits for READY), stop, status; foreground: "
+                             "run in this process (containers); ready: exit 0 if every "
+                             "--model name has a READY worker (healthchecks)")
     parser.add_argument("--home", type=Path, default=ServerConfig.home)
+    parser.add_argument("--host", default=ServerConfig.host,
+                        help="bind address (loopback; 0.0.0.0 only inside a container network)")
     parser.add_argument("--model-store", type=Path, default=ServerConfig.model_store)
     parser.add_argument("--capture-dir", type=Path, default=ServerConfig.capture_dir)
     parser.add_argument("--model", action="append", default=[], metavar="NAME=FILE.mar",
@@ -84,15 +89,21 @@ def run_serve(args: argparse.Namespace) -> int:
     from serving import server
 
     cfg = ServerConfig(home=args.home, model_store=args.model_store, capture_dir=args.capture_dir,
+                       host=args.host,
                        inference_port=args.inference_port, management_port=args.management_port,
                        metrics_port=args.metrics_port,
                        grpc_inference_port=args.grpc_inference_port,
                        grpc_management_port=args.grpc_management_port)
+    if args.action == "ready":
+        names = [m.split("=", 1)[0] for m in args.model]
+        return 0 if names and all(server.workers_ready(cfg, n) for n in names) else 1
+    bad = [m for m in args.model if "=" not in m]
+    if bad:
+        raise ValueError(f"--model takes NAME=FILE.mar, got {bad}")
+    models = dict(m.split("=", 1) for m in args.model)
+    if args.action == "foreground":
+        server.run_foreground(cfg, models)  # does not return
     if args.action == "start":
-        bad = [m for m in args.model if "=" not in m]
-        if bad:
-            raise ValueError(f"--model takes NAME=FILE.mar, got {bad}")
-        models = dict(m.split("=", 1) for m in args.model)
         pid = server.start(cfg, models)
         print(f"TorchServe ready (pid {pid}): inference {cfg.url('inference')}, "
               f"management {cfg.url('management')}, metrics {cfg.url('metrics')}")

@@ -104,6 +104,15 @@ def get_json(url: str, timeout: float = 5.0) -> object:
         return json.loads(response.read())
 
 
+def management_reachable(cfg: ServerConfig) -> bool:
+    """A TorchServe answers on the management port (ours or one in another container)."""
+    try:
+        get_json(f"{cfg.url('management')}/models", timeout=2.0)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+    return True
+
+
 def workers_ready(cfg: ServerConfig, model: str, version: str | None = None) -> bool:
     """A READY worker for the model (any version, or the one given)."""
     try:
@@ -126,17 +135,29 @@ def wait_ready(cfg: ServerConfig, models: list[str], timeout: float = 120.0) -> 
                       f"see {cfg.home / 'logs' / 'model_log.log'}")
 
 
+def _command(cfg: ServerConfig, models: dict[str, str], *flags: str) -> list[str]:
+    cfg.tmp.mkdir(parents=True, exist_ok=True)
+    cfg.capture_dir.mkdir(parents=True, exist_ok=True)
+    config = write_config(cfg)
+    cmd = [str(Path(sys.executable).with_name("torchserve")), "--start", "--ncs", *flags,
+           "--ts-config", str(config.resolve()), "--model-store", str(cfg.model_store.resolve())]
+    if models:
+        cmd += ["--models", *(f"{name}={mar}" for name, mar in models.items())]
+    return cmd
+
+
+def run_foreground(cfg: ServerConfig, models: dict[str, str]) -> None:
+    """Replace this process with TorchServe in the foreground (a container's main process)."""
+    cmd = _command(cfg, models, "--foreground")
+    os.chdir(cfg.home)
+    os.execve(cmd[0], cmd, _env(cfg))
+
+
 def start(cfg: ServerConfig, models: dict[str, str], timeout: float = 120.0) -> int:
     """Start TorchServe with {model name: .mar file in model_store}; returns the Java pid."""
     if read_pid(cfg) is not None:
         raise ServerError(f"TorchServe already runs from {cfg.home} (pid {read_pid(cfg)})")
-    cfg.tmp.mkdir(parents=True, exist_ok=True)
-    cfg.capture_dir.mkdir(parents=True, exist_ok=True)
-    config = write_config(cfg)
-    cmd = [str(Path(sys.executable).with_name("torchserve")), "--start", "--ncs",
-           "--ts-config", str(config.resolve()), "--model-store", str(cfg.model_store.resolve())]
-    if models:
-        cmd += ["--models", *(f"{name}={mar}" for name, mar in models.items())]
+    cmd = _command(cfg, models)
     log.info("starting TorchServe: %s", " ".join(cmd))
     with open(cfg.home / "torchserve.out", "ab") as out:
         subprocess.run(cmd, cwd=cfg.home, env=_env(cfg), stdout=out, stderr=subprocess.STDOUT,

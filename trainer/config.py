@@ -22,6 +22,7 @@ class TrainConfig:
     # at most this many train/ images per class (a seeded random subset): fast warm-start
     # fine-tunes that replay part of the base data next to new labels; None = all
     base_per_class: int | None = None
+    test_per_class: int | None = None  # cap test/ images per class (faster reports); None = all
     out: str = "model_store"  # model_store root; the new version lands in out/<name>/vN
     name: str = "classifier"
     arch: str = "efficientnet_lite0"  # or any torchvision classification model name

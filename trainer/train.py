@@ -139,13 +139,17 @@ def load_splits(cfg: TrainConfig, classes: tuple[str, ...] | None = None) -> Spl
         calibration_split = f"{cfg.val_fraction:.0%} of train/ held out"
     train_samples = train_samples + extra  # new labels train; they never become val
     test = optional["test"]
+    test_samples = test.samples if test else val_samples
+    test_split = "test/" if test else f"{calibration_split} (no test/ given: optimistic)"
+    if cfg.test_per_class is not None:
+        test_samples = _per_class_subset(test_samples, cfg.test_per_class, cfg.seed)
+        test_split += f", {cfg.test_per_class} per class"
     counts = [0] * len(classes)
     for _, label in train_samples:
         counts[label] += 1
     return Splits(
         classes=classes, train=train_samples, val=val_samples,
-        test=test.samples if test else val_samples,
-        test_split="test/" if test else f"{calibration_split} (no test/ given: optimistic)",
+        test=test_samples, test_split=test_split,
         calibration_split=calibration_split, fingerprint=dataset_fingerprint(indexes),
         train_counts=counts,
     )

@@ -32,6 +32,8 @@ COMMANDS = (
      labeling_cli.add_label_arguments, labeling_cli.run_label),
     ("retrain", "pull labels, fine-tune a challenger, promote it only if it is not worse",
      loop_cli.add_retrain_arguments, loop_cli.run_retrain),
+    ("demo", "the whole loop on the long-tailed Fashion-MNIST with real servers",
+     loop_cli.add_demo_arguments, loop_cli.run_demo),
 )
 
 

@@ -1,4 +1,4 @@
-"""Command-line front end of the loop: `visionloop retrain` (once, or --every DURATION)."""
+"""Command-line front ends of the loop: `visionloop retrain` and `visionloop demo`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from pathlib import Path
 
 from labeling.cli import add_server_arguments, server_config
 from serving.server import ServerConfig
+from visionloop.demo import DemoConfig
 from visionloop.retrain import RetrainConfig
 
-_TYPES = {"int": int, "int | None": int, "float": float, "Path": Path, "str": str}
+_TYPES = {"int": int, "int | None": int, "float": float, "Path": Path, "Path | None": Path,
+          "str": str}
 
 
 def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +32,7 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser)
     parser.add_argument("--torchserve-home", type=Path, default=ServerConfig.home,
                         help="the running TorchServe to promote into (skipped if not running)")
+    parser.add_argument("--torchserve-host", default=ServerConfig.host)
     parser.add_argument("--management-port", type=int, default=ServerConfig.management_port)
     parser.add_argument("--every", help="keep running: once per DURATION (e.g. 30m, 6h)")
 
@@ -41,7 +44,7 @@ def run_retrain(args: argparse.Namespace) -> int:
 
     cfg = RetrainConfig(**{f.name: getattr(args, f.name) for f in fields(RetrainConfig)})
     labelstudio = server_config(args)
-    torchserve = ServerConfig(home=args.torchserve_home,
+    torchserve = ServerConfig(home=args.torchserve_home, host=args.torchserve_host,
                               model_store=args.torchserve_home / "model-store",
                               management_port=args.management_port)
 
@@ -62,3 +65,22 @@ def run_retrain(args: argparse.Namespace) -> int:
     except LabelStudioUnavailable as exc:
         print(f"visionloop retrain: {exc}; the champion keeps serving, run it again")
         return 3
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="a few minutes on small settings (tests); flags still override")
+    for f in fields(DemoConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=_TYPES[str(f.type)],
+                            default=None, help=f"{f.name.replace('_', ' ')} "
+                                               f"(default: {f.default})")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from visionloop.demo import run_demo as demo
+
+    given = {f.name: getattr(args, f.name) for f in fields(DemoConfig)
+             if getattr(args, f.name) is not None}
+    cfg = DemoConfig.quick(**given) if args.quick else DemoConfig(**given)
+    print(demo(cfg))
+    return 0

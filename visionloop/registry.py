@@ -30,6 +30,13 @@ class Decision:
     challenger_metrics: dict = field(default_factory=dict)
 
 
+def resolve(store: ModelStore, name: str, version: str) -> str:
+    """'champion' -> the recorded champion; 'latest' or vN as the store resolves them."""
+    if version == "champion":
+        return Registry(store, name).champion()
+    return store.resolve_version(name, version)
+
+
 class Registry:
     def __init__(self, store: ModelStore, name: str) -> None:
         self.store, self.name = store, name

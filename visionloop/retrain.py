@@ -57,6 +57,7 @@ class RetrainConfig:
     # promotion
     backend: str = "torchscript"
     capture_below: float = 0.7
+    capture_per_minute: int = 600  # per TorchServe worker
     work_dir: Path = Path("runs/retrain")
 
 
@@ -132,6 +133,7 @@ def train_challenger(cfg: RetrainConfig, champion: str, minority: list[str]) -> 
         data=str(cfg.data), extra_train=(str(labels),) if labels.is_dir() else (),
         out=str(cfg.store), name=cfg.name, parent=champion, epochs=cfg.epochs,
         freeze_epochs=cfg.freeze_epochs, lr=cfg.lr, base_per_class=cfg.base_per_class,
+        test_per_class=cfg.eval_per_class,
         minority=tuple(minority), seed=cfg.seed, show_progress=False,
         work_dir=str(Path(cfg.work_dir) / "checkpoints"))
     version_dir = run_training(train_cfg)
@@ -148,10 +150,11 @@ def promote_version(cfg: RetrainConfig, version: str, torchserve: ServerConfig |
     from serving.handler import ServingConfig
     from serving.promote import promote
 
-    if torchserve is None or server.read_pid(torchserve) is None:
+    if torchserve is None or not server.management_reachable(torchserve):
         return "no TorchServe running: recorded as champion only"
     store = ModelStore(cfg.store)
-    serving = ServingConfig(capture=CapturePolicy(max_confidence=cfg.capture_below))
+    serving = ServingConfig(capture=CapturePolicy(max_confidence=cfg.capture_below,
+                                                  per_minute=cfg.capture_per_minute))
     mar = package(store.version_dir(cfg.name, version), torchserve.model_store, cfg.backend,
                   serving=serving)
     old = promote(torchserve, cfg.name, version, mar.name)

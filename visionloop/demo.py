@@ -1,0 +1,298 @@
+"""`visionloop demo`: the whole loop on the long-tailed Fashion-MNIST, with real servers.
+
+    train the champion (pretrained backbone) -> serve it in TorchServe -> per round:
+      stream a slice of the unlabeled pool through the inference endpoint (an application)
+      -> push the uncertain images to Label Studio (class-balanced) -> a stand-in annotator
+      answers them through Label Studio's API with the pool's true labels -> retrain
+      (pull, challenger, gate, zero-downtime promotion)
+    and, in the same run, a baseline spending the same label budget on images picked at
+    random from the same stream, fine-tuned the same way (it needs no server).
+
+Everything lives under --out (default runs/demo, cleared at start): model_store/, captures/,
+labels/, Label Studio's and TorchServe's homes, and report.md + report.png at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import random
+import shutil
+import socket
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+log = logging.getLogger("visionloop.demo")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    data: Path = Path("data/fashion-mnist-lt")
+    out: Path = Path("runs/demo")
+    name: str = "fashion"
+    rounds: int = 3
+    budget: int = 60  # labels per round, for the loop and for the random baseline alike
+    stream_per_round: int = 1500  # pool images the application sends per round
+    strategy: str = "class_balanced"
+    image_size: int = 32
+    champion_epochs: int = 3
+    retrain_epochs: int = 2
+    base_per_class: int = 200  # base images per class replayed in each fine-tune
+    eval_per_class: int = 200  # test images per class for the gate and the report
+    champion: Path | None = None  # reuse a trained version dir instead of training one
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **overrides) -> DemoConfig:
+        """Minutes on a small scenario: for tests."""
+        values = dict(rounds=2, budget=12, stream_per_round=40, champion_epochs=1,
+                      retrain_epochs=1, base_per_class=20, eval_per_class=20)
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class RoundResult:
+    round: int
+    branch: str  # "loop" (Label Studio, class-balanced) or "random"
+    labels: int  # labels spent so far
+    minority_labels: int  # of them, images of minority classes
+    version: str
+    macro_f1: float
+    minority_recall: float
+    ece: float
+    per_class_recall: dict[str, float] = field(default_factory=dict)
+    promoted: bool | None = None
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def step(self, message: str, *args: object) -> None:
+        log.info("[%5.0fs] " + message, time.monotonic() - self.start, *args)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pool_truth(data: Path) -> tuple[list[Path], dict[str, str]]:
+    """Pool files in a fixed shuffled order, and sha256 -> true label."""
+    with open(data / "pool_labels.csv") as f:
+        labels = {row["file"]: row["label"] for row in csv.DictReader(f)}
+    files = sorted((data / "pool").rglob("*.png"))
+    random.Random(0).shuffle(files)
+    return files, {hashlib.sha256(p.read_bytes()).hexdigest(): labels[p.name] for p in files}
+
+
+def stream(url: str, files: list[Path], concurrency: int = 4) -> tuple[int, int]:
+    """POST every file to the inference endpoint as an application would: (ok, failed)."""
+    def send(path: Path) -> bool:
+        request = urllib.request.Request(url, data=path.read_bytes(), method="POST",
+                                         headers={"Content-Type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(send, files))
+    return sum(results), len(results) - sum(results)
+
+
+def annotate_as_truth(client, project_id: int, truth: dict[str, str]) -> list[str]:
+    """The stand-in annotator: answer every unanswered task with the pool's true label."""
+    from labeling.project import FROM_NAME, TO_NAME
+
+    answered = []
+    for task in client.tasks.list(project=project_id, fields="all"):
+        if task.annotations or "capture_sha" not in (task.data or {}):
+            continue
+        label = truth[task.data["capture_sha"]]
+        client.annotations.create(id=task.id, result=[{
+            "from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
+            "value": {"choices": [label]}}])
+        answered.append(label)
+    return answered
+
+
+def random_labels(streamed: list[Path], budget: int, labels_dir: Path, truth_by_file,
+                  rng: random.Random) -> list[str]:
+    """The baseline's annotator: `budget` random images of the same stream, true labels."""
+    chosen = rng.sample(streamed, min(budget, len(streamed)))
+    for path in chosen:
+        target = labels_dir / "images" / truth_by_file[path.name] / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return [truth_by_file[p.name] for p in chosen]
+
+
+def train_champion(cfg: DemoConfig, store: Path) -> Path:
+    from trainer.config import TrainConfig
+    from trainer.train import run_training
+
+    if cfg.champion is not None:
+        target = store / cfg.name / "v1"
+        shutil.copytree(cfg.champion, target)
+        return target
+    return run_training(TrainConfig(
+        data=str(cfg.data), out=str(store), name=cfg.name, image_size=cfg.image_size,
+        epochs=cfg.champion_epochs, freeze_epochs=min(1, cfg.champion_epochs),
+        seed=cfg.seed, show_progress=False, work_dir=str(cfg.out / "work" / "champion")))
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig) -> None:
+        from labeling.server import LabelStudioConfig
+        from serving.server import ServerConfig
+
+        self.cfg, self.timer = cfg, Timer()
+        out = cfg.out
+        self.store = out / "model_store"
+        self.captures = out / "captures"
+        self.labelstudio = LabelStudioConfig(data_dir=out / "labelstudio",
+                                             files_root=self.captures, port=free_port())
+        self.torchserve = ServerConfig(
+            home=out / "torchserve", model_store=out / "torchserve" / "model-store",
+            capture_dir=self.captures, inference_port=free_port(),
+            management_port=free_port(), metrics_port=free_port(),
+            grpc_inference_port=free_port(), grpc_management_port=free_port())
+        self.results: list[RoundResult] = []
+
+    def retrain_config(self, name: str, labels_dir: Path):
+        from visionloop.retrain import RetrainConfig
+
+        c = self.cfg
+        return RetrainConfig(
+            name=name, store=self.store, data=c.data, labels_dir=labels_dir,
+            capture_dir=self.captures, min_new_labels=1, epochs=c.retrain_epochs,
+            base_per_class=c.base_per_class, eval_per_class=c.eval_per_class, seed=c.seed,
+            capture_per_minute=1_000_000, work_dir=c.out / "work" / name)
+
+    def run(self) -> Path:
+        from labeling import server as labelstudio_server
+
+        if self.cfg.out.exists():
+            shutil.rmtree(self.cfg.out)
+        self.cfg.out.mkdir(parents=True)
+        # Label Studio's first start migrates its database (~1 min): overlap it with training
+        started: dict = {}
+        starter = threading.Thread(target=self._start_labelstudio, args=(started,), daemon=True)
+        starter.start()
+        try:
+            return self._loop(starter, started)
+        finally:
+            from serving import server as torchserve_server
+
+            torchserve_server.stop(self.torchserve)
+            labelstudio_server.stop(self.labelstudio)
+
+    def _start_labelstudio(self, started: dict) -> None:
+        from labeling import server as labelstudio_server
+
+        try:
+            labelstudio_server.start(self.labelstudio)
+            started["ok"] = True
+        except Exception as exc:  # noqa: BLE001 - re-raised in the main thread
+            started["error"] = exc
+
+    def _loop(self, starter: threading.Thread, started: dict) -> Path:
+        from labeling.client import connect
+        from labeling.project import default_title, ensure_project
+        from labeling.push import PushOptions, push
+        from serving import server as torchserve_server
+        from serving.archive import package
+        from serving.capture import CapturePolicy
+        from serving.handler import ServingConfig
+        from visionloop.manifest import ModelManifest
+        from visionloop.retrain import evaluate, held_out_samples, retrain_once
+
+        c, t = self.cfg, self.timer
+        t.step("training the champion (%d epochs, %d px)", c.champion_epochs, c.image_size)
+        champion_dir = train_champion(c, self.store)
+        manifest = ModelManifest.load(champion_dir)
+        minority = list(manifest.metrics.get("minority", []))
+        # the random baseline fine-tunes its own line of versions from the same champion
+        shutil.copytree(champion_dir, self.store / f"{c.name}-random" / "v1")
+        samples = held_out_samples(c.data, manifest.classes, c.eval_per_class)
+        first = evaluate(champion_dir, samples, minority)
+        for branch in ("loop", "random"):
+            self.results.append(RoundResult(0, branch, 0, 0, "v1", first.macro_f1,
+                                            first.minority_recall, first.ece,
+                                            first.per_class_recall))
+        t.step("champion v1: macro-F1 %.3f, minority recall %.3f (%s)", first.macro_f1,
+               first.minority_recall, ", ".join(minority))
+
+        serving = ServingConfig(capture=CapturePolicy(max_confidence=0.7, per_minute=1_000_000))
+        mar = package(champion_dir, self.torchserve.model_store, "torchscript", serving=serving)
+        torchserve_server.start(self.torchserve, {c.name: mar.name})
+        t.step("TorchServe serves %s v1 on %s", c.name, self.torchserve.url("inference"))
+        starter.join()
+        if "error" in started:
+            raise started["error"]
+        client = connect(self.labelstudio)
+        project = ensure_project(client, default_title(c.name), manifest.classes)
+        t.step("Label Studio up on %s, project %d", self.labelstudio.url, project.id)
+
+        files, truth = pool_truth(c.data)
+        truth_by_file = {p.name: truth[hashlib.sha256(p.read_bytes()).hexdigest()]
+                         for p in files}
+        loop_labels: list[str] = []
+        random_spent: list[str] = []
+        rng = random.Random(c.seed)
+        url = f"{self.torchserve.url('inference')}/predictions/{c.name}"
+        for round_ in range(1, c.rounds + 1):
+            streamed = files[(round_ - 1) * c.stream_per_round:round_ * c.stream_per_round]
+            ok, failed = stream(url, streamed)
+            t.step("round %d: streamed %d pool images through TorchServe (%d failed)",
+                   round_, ok, failed)
+            pushed = push(self.captures, client, project, c.name, minority,
+                          PushOptions(budget=c.budget, strategy=c.strategy, seed=round_))
+            answered = annotate_as_truth(client, project.id, truth)
+            loop_labels += answered
+            t.step("round %d: pushed %d tasks, annotated %d (%d minority)", round_,
+                   pushed.pushed, len(answered), sum(a in minority for a in answered))
+            decision = retrain_once(self.retrain_config(c.name, c.out / "labels"),
+                                    self.labelstudio, self.torchserve)
+            champion = decision.challenger if decision.promoted else decision.champion
+            chosen = decision.challenger_metrics if decision.promoted else \
+                decision.champion_metrics
+            self.results.append(RoundResult(
+                round_, "loop", len(loop_labels), sum(lbl in minority for lbl in loop_labels),
+                champion, chosen["macro_f1"], chosen["minority_recall"], chosen["ece"],
+                chosen["per_class_recall"], decision.promoted))
+            t.step("round %d: %s %s (%s)", round_, decision.challenger,
+                   "promoted" if decision.promoted else "kept out", decision.reason)
+
+            random_spent += random_labels(streamed, c.budget, c.out / "labels-random",
+                                          truth_by_file, rng)
+            baseline = retrain_once(replace(self.retrain_config(f"{c.name}-random",
+                                                                c.out / "labels-random"),
+                                            pull=False, max_macro_f1_drop=1.0,
+                                            max_minority_recall_drop=1.0))
+            m = baseline.challenger_metrics
+            self.results.append(RoundResult(
+                round_, "random", len(random_spent),
+                sum(lbl in minority for lbl in random_spent), baseline.challenger,
+                m["macro_f1"], m["minority_recall"], m["ece"], m["per_class_recall"]))
+            t.step("round %d: random baseline %s, macro-F1 %.3f", round_, baseline.challenger,
+                   self.results[-1].macro_f1)
+        from visionloop.demo_report import write_report
+        report = write_report(c, self.results, minority, time.monotonic() - t.start,
+                              self.store / c.name / "registry.md")
+        t.step("report: %s", report)
+        return report
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    return Demo(cfg).run()
+
