@@ -1,0 +1,254 @@
+"""Does the loop pay? Query strategies against random labelling on long-tailed Fashion-MNIST.
+
+Per seed: a long-tailed scenario whose unlabeled pool is as long-tailed as train (a
+production-like stream), a champion trained by the trainer's defaults, then for each
+strategy `rounds` rounds of: predict the unlabeled pool with the served path (TorchScript,
+handler functions), capture what the serving policy captures (calibrated confidence < 0.7),
+pick `budget` images (labeling.strategies; random picks from the whole stream, as labelling
+without a model would), label them with the true labels, fine-tune from the previous
+model on train + all labels so far (the trainer, warm start, its rebalanced default),
+evaluate on the test set. One branch repeats class-balanced selection with a plain
+cross-entropy learner. Training noise: the champion trained from several init seeds on the
+same data.
+
+Reported, mean ± std over seeds:
+- minority images found per label, as a multiple of random's;
+- labels needed to reach the random branch's final macro-F1 and minority recall, as a
+  multiple of fewer than random (random needs its whole budget by construction).
+
+    python -m bench.active_learning --out reports/bench-al [--seeds 0,1,2 --rounds 4 --budget 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from labeling.strategies import rank
+from serving.offline import InProcessModel
+from trainer import fashion_mnist
+from trainer.config import TrainConfig
+from trainer.train import run_training
+from visionloop.fsutil import atomic_write_json, atomic_write_text
+from visionloop.manifest import ModelManifest
+
+log = logging.getLogger("bench.active_learning")
+CAPTURE_BELOW = 0.7
+
+
+def build_data(root: Path, args: argparse.Namespace, seed: int) -> Path:
+    out = root / f"data-seed{seed}"
+    if not (out / "scenario.json").exists():
+        fashion_mnist.build_scenario(fashion_mnist.ScenarioConfig(
+            out=out, minority=tuple(args.minority), imbalance_ratio=args.imbalance_ratio,
+            pool_per_class=args.pool_per_class, seed=seed, source_dir=args.source_dir))
+    return out
+
+
+def train(args: argparse.Namespace, data: Path, store: Path, name: str, seed: int,
+          parent: str | None = None, labels: Path | None = None, epochs: int | None = None,
+          imbalance: str = "logit_adjust") -> Path:
+    cfg = TrainConfig(
+        data=str(data), out=str(store), name=name, parent=parent, seed=seed,
+        extra_train=(str(labels / "images"),) if labels and (labels / "images").exists() else (),
+        epochs=epochs or args.champion_epochs, freeze_epochs=0 if parent else 1,
+        lr=args.retrain_lr if parent else TrainConfig.lr, image_size=args.image_size,
+        imbalance=imbalance, minority=tuple(args.minority), num_workers=args.num_workers,
+        show_progress=False, work_dir=str(store / "runs" / f"{name}-{seed}"))
+    return run_training(cfg)
+
+
+def metrics(version_dir: Path) -> dict:
+    m = ModelManifest.load(version_dir).metrics
+    return {"macro_f1": m["test"]["macro_f1"], "minority_recall": m["minority_recall"]}
+
+
+def pool(data: Path) -> tuple[list[Path], list[str]]:
+    with open(data / "pool_labels.csv") as f:
+        truth = {row["file"]: row["label"] for row in csv.DictReader(f)}
+    files = sorted((data / "pool").rglob("*.png"))
+    return files, [truth[p.name] for p in files]
+
+
+def select(strategy: str, model: InProcessModel, files: list[Path], unlabeled: list[int],
+           budget: int, minority: list[str], rng: random.Random) -> list[int]:
+    if strategy == "random":
+        return rng.sample(unlabeled, min(budget, len(unlabeled)))
+    replies = model.predict([files[i].read_bytes() for i in unlabeled], batch_size=512)
+    captured = [(i, r) for i, r in zip(unlabeled, replies, strict=True)
+                if r["uncertainty"]["max_prob"] < CAPTURE_BELOW]
+    probs = np.array([r["probabilities"] for _, r in captured])
+    classes = model.manifest.classes
+    order = rank(probs, strategy.removesuffix("+ce"), budget=budget,
+                 minority=[classes.index(c) for c in minority])
+    return [captured[j][0] for j in order[:budget]]
+
+
+def run_branch(args, data: Path, store: Path, champion: Path, strategy: str, seed: int,
+               gpu: int | None) -> list[dict]:
+    files, truth = pool(data)
+    name = strategy.replace("+", "-")
+    shutil.copytree(champion, store / name / "v1")
+    labels = store / f"labels-{name}"
+    rng = random.Random(seed)
+    unlabeled = list(range(len(files)))
+    version_dir = store / name / "v1"
+    rows = [{"round": 0, "labels": 0, "minority_labels": 0, **metrics(version_dir)}]
+    minority = list(args.minority)
+    chosen_labels: list[str] = []
+    for round_ in range(1, args.rounds + 1):
+        model = InProcessModel(version_dir, gpu_id=gpu)
+        chosen = select(strategy, model, files, unlabeled, args.budget, minority, rng)
+        taken = set(chosen)
+        unlabeled = [i for i in unlabeled if i not in taken]
+        for i in chosen:
+            target = labels / "images" / truth[i] / files[i].name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(files[i], target)
+            chosen_labels.append(truth[i])
+        version_dir = train(args, data, store, name, seed, parent="latest", labels=labels,
+                            epochs=args.retrain_epochs,
+                            imbalance="none" if strategy.endswith("+ce") else "logit_adjust")
+        rows.append({"round": round_, "labels": len(chosen_labels),
+                     "minority_labels": sum(lbl in minority for lbl in chosen_labels),
+                     **metrics(version_dir)})
+        log.info("seed %d %s round %d: %s", seed, strategy, round_, rows[-1])
+    return rows
+
+
+def labels_to_reach(rows: list[dict], key: str, target: float) -> float | None:
+    """Labels at which the curve first reaches target (linear between rounds)."""
+    for before, after in zip(rows, rows[1:], strict=False):
+        if before[key] >= target:
+            return float(before["labels"])
+        if after[key] >= target:
+            gain = after[key] - before[key]
+            return before["labels"] + (target - before[key]) / gain * (after["labels"]
+                                                                       - before["labels"])
+    return None
+
+
+def summarize(results: dict, strategies: list[str]) -> dict:
+    """Per strategy: ratios against random, per seed."""
+    summary: dict = {s: {"found_ratio": [], "f1_labels_ratio": [], "recall_labels_ratio": [],
+                         "final_macro_f1": [], "final_minority_recall": []} for s in strategies}
+    for by_strategy in results.values():
+        random_rows = by_strategy["random"]
+        final = random_rows[-1]
+        random_rate = max(final["minority_labels"], 0.5) / final["labels"]  # 0 found -> 0.5
+        for s in strategies:
+            rows = by_strategy[s]
+            out = summary[s]
+            out["found_ratio"].append(rows[-1]["minority_labels"] / rows[-1]["labels"]
+                                      / random_rate)
+            out["final_macro_f1"].append(rows[-1]["macro_f1"])
+            out["final_minority_recall"].append(rows[-1]["minority_recall"])
+            for key, field in (("macro_f1", "f1_labels_ratio"),
+                               ("minority_recall", "recall_labels_ratio")):
+                needed_random = labels_to_reach(random_rows, key, final[key])
+                needed = labels_to_reach(rows, key, final[key])
+                out[field].append(None if needed is None else
+                                  (needed_random or final["labels"]) / max(needed, 1.0))
+    return summary
+
+
+def fmt(values: list) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        return "not reached"
+    text = f"{statistics.mean(known):.2f}"
+    text += f" ± {statistics.stdev(known):.2f}" if len(known) > 1 else ""
+    missing = len(values) - len(known)
+    return text + (f" ({missing} seed(s) not reached)" if missing else "")
+
+
+def markdown(results: dict, noise: list[dict], args: argparse.Namespace,
+             wall_s: float) -> str:
+    strategies = list(next(iter(results.values())))
+    summary = summarize(results, strategies)
+    lines = [
+        "# Active learning against random labelling (bench/active_learning.py)", "",
+        f"Long-tailed Fashion-MNIST, ratio {args.imbalance_ratio:g}, minority "
+        f"{', '.join(args.minority)}; pool {args.pool_per_class}/majority class, as long-tailed "
+        f"as train; {args.rounds} rounds x {args.budget} labels; champion {args.champion_epochs} "
+        f"epochs, each round a warm-start fine-tune of {args.retrain_epochs} epochs on train + "
+        f"labels; {args.image_size} px; seeds {args.seeds}; "
+        f"{'GPU' if torch.cuda.is_available() else 'CPU'}; wall {wall_s / 60:.1f} min.", "",
+        "| strategy | minority found per label (x random) | labels to random's final macro-F1 "
+        "(x fewer) | labels to random's final minority recall (x fewer) | final macro-F1 "
+        "| final minority recall |", "|---|---|---|---|---|---|"]
+    for s in strategies:
+        r = summary[s]
+        lines.append(f"| {s} | {fmt(r['found_ratio'])} | {fmt(r['f1_labels_ratio'])} | "
+                     f"{fmt(r['recall_labels_ratio'])} | {fmt(r['final_macro_f1'])} | "
+                     f"{fmt(r['final_minority_recall'])} |")
+    if noise:
+        lines += ["", f"Training noise (seed {args.seeds[0]}'s data, champion from init seeds "
+                      f"{[n['init_seed'] for n in noise]}): macro-F1 "
+                      f"{fmt([n['macro_f1'] for n in noise])}, minority recall "
+                      f"{fmt([n['minority_recall'] for n in noise])}."]
+    lines += ["", "Per round (labels, minority labels, macro-F1, minority recall):", ""]
+    for seed, by_strategy in results.items():
+        for s, rows in by_strategy.items():
+            cells = "; ".join(f"{r['labels']}/{r['minority_labels']}: {r['macro_f1']:.3f}, "
+                              f"{r['minority_recall']:.3f}" for r in rows)
+            lines.append(f"- seed {seed}, {s}: {cells}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("reports/bench-al"))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--strategies", default="random,least_confidence,entropy,"
+                                                "class_balanced,class_balanced+ce")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--budget", type=int, default=100)
+    parser.add_argument("--pool-per-class", type=int, default=3000)
+    parser.add_argument("--imbalance-ratio", type=float, default=100.0)
+    parser.add_argument("--minority", default="coat,sandal,bag")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--champion-epochs", type=int, default=8)
+    parser.add_argument("--retrain-epochs", type=int, default=3)
+    parser.add_argument("--retrain-lr", type=float, default=1e-3)
+    parser.add_argument("--noise-inits", type=int, default=3)
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--source-dir", type=Path, default=fashion_mnist.DEBIAN_DIR)
+    args = parser.parse_args()
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.minority = args.minority.split(",")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    gpu = 0 if torch.cuda.is_available() else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results: dict = {}
+    noise: list[dict] = []
+    for seed in args.seeds:
+        data = build_data(args.out, args, seed)
+        store = args.out / f"store-seed{seed}"
+        shutil.rmtree(store, ignore_errors=True)
+        champion = train(args, data, store, "champion", seed)
+        if seed == args.seeds[0]:
+            noise.append({"init_seed": seed, **metrics(champion)})
+            for init in range(1, args.noise_inits):
+                noise.append({"init_seed": seed + init, **metrics(
+                    train(args, data, store, f"noise{init}", seed + init))})
+        results[seed] = {s: run_branch(args, data, store, champion, s, seed, gpu)
+                         for s in args.strategies.split(",")}
+        atomic_write_json(args.out / "results.json", {"results": results, "noise": noise})
+        atomic_write_text(args.out / "results.md",
+                          markdown(results, noise, args, time.monotonic() - started))
+    print((args.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
