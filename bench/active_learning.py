@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import random
 import shutil
@@ -207,7 +208,12 @@ def markdown(results: dict, noise: list[dict], args: argparse.Namespace,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("reports/bench-al"))
+    parser.add_argument("--out", type=Path, default=Path("reports/bench-al"),
+                        help="results.json and results.md")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="scenarios and model stores (default: --out)")
+    parser.add_argument("--merge", type=Path, nargs="*", default=None,
+                        help="only merge these results.json files (e.g. one per seed) into --out")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--strategies", default="random,least_confidence,entropy,"
                                                 "class_balanced,class_balanced+ce")
@@ -227,14 +233,18 @@ def main() -> None:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.minority = args.minority.split(",")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    gpu = 0 if torch.cuda.is_available() else None
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merge(args)
+        return
+    work = args.work_dir or args.out
+    gpu = 0 if torch.cuda.is_available() else None
     started = time.monotonic()
     results: dict = {}
     noise: list[dict] = []
     for seed in args.seeds:
-        data = build_data(args.out, args, seed)
-        store = args.out / f"store-seed{seed}"
+        data = build_data(work, args, seed)
+        store = work / f"store-seed{seed}"
         shutil.rmtree(store, ignore_errors=True)
         champion = train(args, data, store, "champion", seed)
         if seed == args.seeds[0]:
@@ -242,11 +252,32 @@ def main() -> None:
             for init in range(1, args.noise_inits):
                 noise.append({"init_seed": seed + init, **metrics(
                     train(args, data, store, f"noise{init}", seed + init))})
-        results[seed] = {s: run_branch(args, data, store, champion, s, seed, gpu)
-                         for s in args.strategies.split(",")}
-        atomic_write_json(args.out / "results.json", {"results": results, "noise": noise})
+        results[seed] = {}
+        for strategy in args.strategies.split(","):
+            results[seed][strategy] = run_branch(args, data, store, champion, strategy, seed,
+                                                 gpu)
+            # after every branch: a run cut short still leaves what it measured
+            atomic_write_json(args.out / "results.json",
+                              {"results": results, "noise": noise,
+                               "wall_s": time.monotonic() - started,
+                               "settings": {k: str(v) for k, v in vars(args).items()}})
         atomic_write_text(args.out / "results.md",
                           markdown(results, noise, args, time.monotonic() - started))
+    print((args.out / "results.md").read_text())
+
+
+def merge(args: argparse.Namespace) -> None:
+    """One table from several runs (e.g. one seed per run, on a machine with a time limit)."""
+    results, noise, wall = {}, [], 0.0
+    for path in args.merge:
+        loaded = json.loads(path.read_text())
+        results.update(loaded["results"])
+        noise += loaded["noise"]
+        wall += loaded["wall_s"]
+    args.seeds = sorted(int(s) for s in results)
+    atomic_write_text(args.out / "results.md", markdown(results, noise, args, wall))
+    atomic_write_json(args.out / "results.json", {"results": results, "noise": noise,
+                                                  "wall_s": wall})
     print((args.out / "results.md").read_text())
 
 
