@@ -1,15 +1,17 @@
 """Does the loop pay? Query strategies against random labelling on long-tailed Fashion-MNIST.
 
 Per seed: a long-tailed scenario whose unlabeled pool is as long-tailed as train (a
-production-like stream), a champion trained by the trainer's defaults, then for each
-strategy `rounds` rounds of: predict the unlabeled pool with the served path (TorchScript,
-handler functions), capture what the serving policy captures (calibrated confidence < 0.7),
-pick `budget` images (labeling.strategies; random picks from the whole stream, as labelling
-without a model would), label them with the true labels, fine-tune from the previous
-model on train + all labels so far (the trainer, warm start, its rebalanced default),
-evaluate on the test set. One branch repeats class-balanced selection with a plain
-cross-entropy learner. Training noise: the champion trained from several init seeds on the
-same data.
+production-like stream) and a champion trained with the trainer's defaults. Then, for each
+strategy, `rounds` rounds of:
+- predict the unlabeled pool with the served path (TorchScript, handler functions);
+- keep what the serving capture policy keeps (calibrated confidence < 0.7, and every
+  prediction of a minority class);
+- pick `budget` of them (labeling.strategies); random picks from the whole stream, as
+  labelling without a model would;
+- label them with the true labels, fine-tune from the previous model on train + all labels
+  so far (the trainer: warm start, its rebalanced default), evaluate on the test set.
+One branch repeats class-balanced selection with a plain cross-entropy learner. Training
+noise: the champion trained from several init seeds on the same data.
 
 Reported, mean ± std over seeds:
 - minority images found per label, as a multiple of random's;
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 from labeling.strategies import rank
+from serving.capture import CapturePolicy
 from serving.offline import InProcessModel
 from trainer import fashion_mnist
 from trainer.config import TrainConfig
@@ -85,8 +88,8 @@ def select(strategy: str, model: InProcessModel, files: list[Path], unlabeled: l
     if strategy == "random":
         return rng.sample(unlabeled, min(budget, len(unlabeled)))
     replies = model.predict([files[i].read_bytes() for i in unlabeled], batch_size=512)
-    captured = [(i, r) for i, r in zip(unlabeled, replies, strict=True)
-                if r["uncertainty"]["max_prob"] < CAPTURE_BELOW]
+    policy = CapturePolicy(max_confidence=CAPTURE_BELOW, always_classes=tuple(minority))
+    captured = [(i, r) for i, r in zip(unlabeled, replies, strict=True) if policy.wants(r)]
     probs = np.array([r["probabilities"] for _, r in captured])
     classes = model.manifest.classes
     order = rank(probs, strategy.removesuffix("+ce"), budget=budget,

@@ -63,9 +63,11 @@ def run(args: argparse.Namespace) -> str:
              f"Pool: {len(images)} images, {sum(lbl in minority_set for lbl in labels)} of "
              f"minority classes {minority} ({share(labels, minority_set):.2%}); predicted "
              f"in-process in {predict_s:.0f} s.",
-             f"Capture policy: calibrated confidence < {args.capture_below}."]
+             f"Capture policy: calibrated confidence < {args.capture_below}, and every "
+             f"prediction of a minority class."]
     with tempfile.TemporaryDirectory() as tmp:
         store = CaptureStore(tmp, CapturePolicy(max_confidence=args.capture_below,
+                                                always_classes=tuple(minority),
                                                 per_minute=10**9))
         store.capture_batch([(d, f"pool-{i}", r) for i, (d, r) in
                              enumerate(zip(images, replies, strict=True))])

@@ -47,17 +47,28 @@ CREATE INDEX IF NOT EXISTS captures_task ON captures(task_id);
 
 @dataclass(frozen=True)
 class CapturePolicy:
-    """Capture when any configured test says the model is unsure."""
+    """Capture when any configured test says the model is unsure, or it names a rare class."""
 
     max_confidence: float | None = 0.7  # capture if calibrated max probability < this
     min_margin: float | None = None  # capture if top1 - top2 < this
     max_entropy: float | None = None  # capture if normalised entropy > this
+    # Capture every prediction of these classes (the minority classes): a confident "coat"
+    # is still worth a label when the model has seen ten coats, and without these the
+    # class-balanced query finds few minority images (bench/label_strategies.py).
+    always_classes: tuple[str, ...] = ()
     per_minute: int = 600  # cap per worker; beyond it captures are counted as dropped
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "always_classes", tuple(self.always_classes))
 
     def is_uncertain(self, scores: dict[str, float]) -> bool:
         return ((self.max_confidence is not None and scores["max_prob"] < self.max_confidence)
                 or (self.min_margin is not None and scores["margin"] < self.min_margin)
                 or (self.max_entropy is not None and scores["entropy"] > self.max_entropy))
+
+    def wants(self, reply: dict) -> bool:
+        return (self.is_uncertain(reply["uncertainty"])
+                or reply["predictions"][0]["label"] in self.always_classes)
 
 
 def image_path(root: Path, sha256: str) -> Path:
@@ -136,7 +147,7 @@ class CaptureStore:
         with self._lock:
             chosen = []
             for i, (_, _, reply) in enumerate(items):
-                if not self.policy.is_uncertain(reply["uncertainty"]):
+                if not self.policy.wants(reply):
                     continue
                 if self._within_rate():
                     chosen.append(i)

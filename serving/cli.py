@@ -20,6 +20,21 @@ def add_package_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-delay-ms", type=int, default=10)
     parser.add_argument("--capture-below", type=float, default=0.7,
                         help="capture predictions whose calibrated confidence is below this")
+    parser.add_argument("--capture-classes", default="minority",
+                        help="also capture every prediction of these classes: 'minority' "
+                             "(the manifest's), 'none', or comma-separated names")
+
+
+def capture_classes(spec: str, manifest) -> tuple[str, ...]:
+    if spec == "none":
+        return ()
+    if spec == "minority":
+        return tuple(manifest.metrics.get("minority", []))
+    names = tuple(spec.split(","))
+    unknown = sorted(set(names) - set(manifest.classes))
+    if unknown:
+        raise ValueError(f"--capture-classes names classes the model does not have: {unknown}")
+    return names
 
 
 def _package(args: argparse.Namespace) -> tuple[str, Path]:
@@ -31,7 +46,10 @@ def _package(args: argparse.Namespace) -> tuple[str, Path]:
 
     store = ModelStore(args.store)
     version = store.resolve_version(args.name, args.version)
-    serving = ServingConfig(capture=CapturePolicy(max_confidence=args.capture_below))
+    manifest = store.load_manifest(args.name, version)
+    serving = ServingConfig(capture=CapturePolicy(
+        max_confidence=args.capture_below,
+        always_classes=capture_classes(args.capture_classes, manifest)))
     mar = package(store.version_dir(args.name, version), args.export_path, args.backend,
                   args.batch_size, args.max_batch_delay_ms, serving=serving)
     return version, mar

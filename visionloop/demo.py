@@ -232,7 +232,8 @@ class Demo:
         t.step("champion v1: macro-F1 %.3f, minority recall %.3f (%s)", first.macro_f1,
                first.minority_recall, ", ".join(minority))
 
-        serving = ServingConfig(capture=CapturePolicy(max_confidence=0.7, per_minute=1_000_000))
+        serving = ServingConfig(capture=CapturePolicy(max_confidence=0.7, per_minute=1_000_000,
+                                                      always_classes=tuple(minority)))
         mar = package(champion_dir, self.torchserve.model_store, "torchscript", serving=serving)
         torchserve_server.start(self.torchserve, {c.name: mar.name})
         t.step("TorchServe serves %s v1 on %s", c.name, self.torchserve.url("inference"))

@@ -153,8 +153,10 @@ def promote_version(cfg: RetrainConfig, version: str, torchserve: ServerConfig |
     if torchserve is None or not server.management_reachable(torchserve):
         return "no TorchServe running: recorded as champion only"
     store = ModelStore(cfg.store)
-    serving = ServingConfig(capture=CapturePolicy(max_confidence=cfg.capture_below,
-                                                  per_minute=cfg.capture_per_minute))
+    manifest = store.load_manifest(cfg.name, version)
+    serving = ServingConfig(capture=CapturePolicy(
+        max_confidence=cfg.capture_below, per_minute=cfg.capture_per_minute,
+        always_classes=tuple(manifest.metrics.get("minority", []))))
     mar = package(store.version_dir(cfg.name, version), torchserve.model_store, cfg.backend,
                   serving=serving)
     old = promote(torchserve, cfg.name, version, mar.name)
