@@ -130,10 +130,10 @@ def run_branch(args, data: Path, store: Path, champion: Path, strategy: str, see
 
 
 def labels_to_reach(rows: list[dict], key: str, target: float) -> float | None:
-    """Labels at which the curve first reaches target (linear between rounds)."""
+    """Labels at which the curve first reaches target (linear between rounds); None: never."""
+    if rows[0][key] >= target:
+        return 0.0
     for before, after in zip(rows, rows[1:], strict=False):
-        if before[key] >= target:
-            return float(before["labels"])
         if after[key] >= target:
             gain = after[key] - before[key]
             return before["labels"] + (target - before[key]) / gain * (after["labels"]
@@ -141,72 +141,95 @@ def labels_to_reach(rows: list[dict], key: str, target: float) -> float | None:
     return None
 
 
-def summarize(results: dict, strategies: list[str]) -> dict:
-    """Per strategy: ratios against random, per seed."""
-    summary: dict = {s: {"found_ratio": [], "f1_labels_ratio": [], "recall_labels_ratio": [],
-                         "final_macro_f1": [], "final_minority_recall": []} for s in strategies}
+def pool_minority_share(settings: dict) -> float:
+    """Random labelling's expected share of minority images: the pool's own share."""
+    minority = len(settings["minority"])
+    per_minority = settings["pool_per_class"] / settings["imbalance_ratio"]
+    return minority * per_minority / ((10 - minority) * settings["pool_per_class"]
+                                      + minority * per_minority)
+
+
+def noise_std(noise: list[dict], key: str, default: float) -> float:
+    values = [n[key] for n in noise]
+    return statistics.stdev(values) if len(values) > 1 else default
+
+
+def summarize(results: dict, noise: list[dict], settings: dict) -> tuple[dict, dict]:
+    """Per strategy and seed: minority found per label / random's expected rate, and the
+    labels needed to beat the champion by one training-noise std (macro-F1, minority recall)."""
+    expected = pool_minority_share(settings)
+    margins = {"macro_f1": noise_std(noise, "macro_f1", 0.02),
+               "minority_recall": noise_std(noise, "minority_recall", 0.04)}
+    found = list(next(iter(results.values())))
+    strategies = ["random", *[s for s in found if s != "random"]] if "random" in found else found
+    summary = {s: {"found_ratio": [], "labels_f1": [], "labels_recall": [],
+                   "final_macro_f1": [], "final_minority_recall": []} for s in strategies}
     for by_strategy in results.values():
-        random_rows = by_strategy["random"]
-        final = random_rows[-1]
-        random_rate = max(final["minority_labels"], 0.5) / final["labels"]  # 0 found -> 0.5
-        for s in strategies:
-            rows = by_strategy[s]
+        for s, rows in by_strategy.items():
             out = summary[s]
-            out["found_ratio"].append(rows[-1]["minority_labels"] / rows[-1]["labels"]
-                                      / random_rate)
+            out["found_ratio"].append(rows[-1]["minority_labels"] / rows[-1]["labels"] / expected)
             out["final_macro_f1"].append(rows[-1]["macro_f1"])
             out["final_minority_recall"].append(rows[-1]["minority_recall"])
-            for key, field in (("macro_f1", "f1_labels_ratio"),
-                               ("minority_recall", "recall_labels_ratio")):
-                needed_random = labels_to_reach(random_rows, key, final[key])
-                needed = labels_to_reach(rows, key, final[key])
-                out[field].append(None if needed is None else
-                                  (needed_random or final["labels"]) / max(needed, 1.0))
-    return summary
+            for key, field in (("macro_f1", "labels_f1"), ("minority_recall", "labels_recall")):
+                out[field].append(labels_to_reach(rows, key, rows[0][key] + margins[key]))
+    return summary, {"expected_share": expected, **margins}
 
 
-def fmt(values: list) -> str:
+def fmt(values: list, digits: int = 2) -> str:
     known = [v for v in values if v is not None]
     if not known:
         return "not reached"
-    text = f"{statistics.mean(known):.2f}"
-    text += f" ± {statistics.stdev(known):.2f}" if len(known) > 1 else ""
+    text = f"{statistics.mean(known):.{digits}f}"
+    text += f" ± {statistics.stdev(known):.{digits}f}" if len(known) > 1 else ""
     missing = len(values) - len(known)
-    return text + (f" ({missing} seed(s) not reached)" if missing else "")
+    return text + (f" (not reached in {missing} of {len(values)} seeds)" if missing else "")
 
 
-def markdown(results: dict, noise: list[dict], args: argparse.Namespace,
-             wall_s: float) -> str:
-    strategies = list(next(iter(results.values())))
-    summary = summarize(results, strategies)
+def markdown(results: dict, noise: list[dict], settings: dict, wall_s: float) -> str:
+    summary, targets = summarize(results, noise, settings)
+    budget = settings["rounds"] * settings["budget"]
     lines = [
         "# Active learning against random labelling (bench/active_learning.py)", "",
-        f"Long-tailed Fashion-MNIST, ratio {args.imbalance_ratio:g}, minority "
-        f"{', '.join(args.minority)}; pool {args.pool_per_class}/majority class, as long-tailed "
-        f"as train; {args.rounds} rounds x {args.budget} labels; champion {args.champion_epochs} "
-        f"epochs, each round a warm-start fine-tune of {args.retrain_epochs} epochs on train + "
-        f"labels; {args.image_size} px; seeds {args.seeds}; "
-        f"{'GPU' if torch.cuda.is_available() else 'CPU'}; wall {wall_s / 60:.1f} min.", "",
-        "| strategy | minority found per label (x random) | labels to random's final macro-F1 "
-        "(x fewer) | labels to random's final minority recall (x fewer) | final macro-F1 "
-        "| final minority recall |", "|---|---|---|---|---|---|"]
-    for s in strategies:
-        r = summary[s]
-        lines.append(f"| {s} | {fmt(r['found_ratio'])} | {fmt(r['f1_labels_ratio'])} | "
-                     f"{fmt(r['recall_labels_ratio'])} | {fmt(r['final_macro_f1'])} | "
-                     f"{fmt(r['final_minority_recall'])} |")
+        f"Long-tailed Fashion-MNIST, ratio {settings['imbalance_ratio']:g}, minority "
+        f"{', '.join(settings['minority'])}; pool {settings['pool_per_class']}/majority class, "
+        f"as long-tailed as train (minority share {targets['expected_share']:.2%}); "
+        f"{settings['rounds']} rounds x {settings['budget']} labels; champion "
+        f"{settings['champion_epochs']} epochs, each round a warm-start fine-tune of "
+        f"{settings['retrain_epochs']} epochs on train + labels; {settings['image_size']} px; "
+        f"seeds {', '.join(sorted(map(str, results)))}; {settings.get('device', '')}; "
+        f"wall {wall_s / 60:.1f} min.", "",
+        "Minority found per label: share of minority images among the labels spent, divided by "
+        "random labelling's expected share (the pool's). Labels to target: labels spent until "
+        f"macro-F1 rose {targets['macro_f1']:.3f} / minority recall "
+        f"{targets['minority_recall']:.3f} above the champion (one std of training noise), "
+        f"within {budget} labels.", "",
+        "| strategy | minority found per label (x random) | labels to macro-F1 target "
+        "| labels to minority-recall target | final macro-F1 | final minority recall |",
+        "|---|---|---|---|---|---|"]
+    for s, r in summary.items():
+        lines.append(f"| {s} | {fmt(r['found_ratio'], 1)} | {fmt(r['labels_f1'], 0)} | "
+                     f"{fmt(r['labels_recall'], 0)} | {fmt(r['final_macro_f1'], 3)} | "
+                     f"{fmt(r['final_minority_recall'], 3)} |")
     if noise:
-        lines += ["", f"Training noise (seed {args.seeds[0]}'s data, champion from init seeds "
-                      f"{[n['init_seed'] for n in noise]}): macro-F1 "
-                      f"{fmt([n['macro_f1'] for n in noise])}, minority recall "
-                      f"{fmt([n['minority_recall'] for n in noise])}."]
-    lines += ["", "Per round (labels, minority labels, macro-F1, minority recall):", ""]
+        lines += ["", f"Training noise (champion from init seeds "
+                      f"{[n['init_seed'] for n in noise]} on the same data): macro-F1 "
+                      f"{fmt([n['macro_f1'] for n in noise], 3)}, minority recall "
+                      f"{fmt([n['minority_recall'] for n in noise], 3)}."]
+    lines += ["", "Per round (labels/minority labels: macro-F1, minority recall):", ""]
     for seed, by_strategy in results.items():
         for s, rows in by_strategy.items():
             cells = "; ".join(f"{r['labels']}/{r['minority_labels']}: {r['macro_f1']:.3f}, "
                               f"{r['minority_recall']:.3f}" for r in rows)
             lines.append(f"- seed {seed}, {s}: {cells}")
     return "\n".join(lines) + "\n"
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    return {"minority": list(args.minority), "pool_per_class": args.pool_per_class,
+            "imbalance_ratio": args.imbalance_ratio, "rounds": args.rounds,
+            "budget": args.budget, "champion_epochs": args.champion_epochs,
+            "retrain_epochs": args.retrain_epochs, "image_size": args.image_size,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"}
 
 
 def main() -> None:
@@ -216,7 +239,9 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="scenarios and model stores (default: --out)")
     parser.add_argument("--merge", type=Path, nargs="*", default=None,
-                        help="only merge these results.json files (e.g. one per seed) into --out")
+                        help="only merge these results.json files (e.g. one per seed) into "
+                             "--out; the other flags must describe those runs")
+    parser.add_argument("--device-name", help="with --merge: where the runs ran")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--strategies", default="random,least_confidence,entropy,"
                                                 "class_balanced,class_balanced+ce")
@@ -250,7 +275,7 @@ def main() -> None:
         store = work / f"store-seed{seed}"
         shutil.rmtree(store, ignore_errors=True)
         champion = train(args, data, store, "champion", seed)
-        if seed == args.seeds[0]:
+        if seed == args.seeds[0] and args.noise_inits > 1:
             noise.append({"init_seed": seed, **metrics(champion)})
             for init in range(1, args.noise_inits):
                 noise.append({"init_seed": seed + init, **metrics(
@@ -261,26 +286,27 @@ def main() -> None:
                                                  gpu)
             # after every branch: a run cut short still leaves what it measured
             atomic_write_json(args.out / "results.json",
-                              {"results": results, "noise": noise,
-                               "wall_s": time.monotonic() - started,
-                               "settings": {k: str(v) for k, v in vars(args).items()}})
-        atomic_write_text(args.out / "results.md",
-                          markdown(results, noise, args, time.monotonic() - started))
+                              {"results": results, "noise": noise, "settings": settings_of(args),
+                               "wall_s": time.monotonic() - started})
+        atomic_write_text(args.out / "results.md", markdown(
+            results, noise, settings_of(args), time.monotonic() - started))
     print((args.out / "results.md").read_text())
 
 
 def merge(args: argparse.Namespace) -> None:
     """One table from several runs (e.g. one seed per run, on a machine with a time limit)."""
-    results, noise, wall = {}, [], 0.0
+    results, noise, wall, settings = {}, [], 0.0, settings_of(args)
     for path in args.merge:
         loaded = json.loads(path.read_text())
         results.update(loaded["results"])
-        noise += loaded["noise"]
+        if len(loaded["noise"]) > 1:  # one init alone is no spread (and another data seed)
+            noise += loaded["noise"]
         wall += loaded["wall_s"]
-    args.seeds = sorted(int(s) for s in results)
-    atomic_write_text(args.out / "results.md", markdown(results, noise, args, wall))
+    if args.device_name:
+        settings["device"] = args.device_name
+    atomic_write_text(args.out / "results.md", markdown(results, noise, settings, wall))
     atomic_write_json(args.out / "results.json", {"results": results, "noise": noise,
-                                                  "wall_s": wall})
+                                                  "settings": settings, "wall_s": wall})
     print((args.out / "results.md").read_text())
 
 
