@@ -141,3 +141,12 @@ def test_capture_batch_marks_exactly_the_uncertain_ones(tmp_path):
     ids = [r[0] for r in sqlite3.connect(tmp_path / "captures.sqlite3").execute(
         "SELECT request_id FROM captures ORDER BY id")]
     assert ids == ["r2", "r3"]
+
+
+def test_capture_takes_every_prediction_of_the_always_classes(tmp_path):
+    store = CaptureStore(tmp_path, CapturePolicy(max_confidence=0.7, always_classes=["a"]))
+    confident_a = reply(0.99)
+    confident_b = {**reply(0.99), "predictions": [{"label": "b"}]}
+    assert store.maybe_capture(b"rare", "r1", confident_a)  # a minority class, confident
+    assert not store.maybe_capture(b"common", "r2", confident_b)
+    assert CapturePolicy(always_classes=["a"]).always_classes == ("a",)  # from serving.json

@@ -73,7 +73,8 @@ class Evaluation:
 def label_files(labels_dir: Path) -> set[str]:
     """'<class>/<file>' for every pulled, known-class label."""
     tree = Path(labels_dir) / "images"
-    return {f"{p.parent.name}/{p.name}" for p in tree.glob("*/*") if p.is_file()}
+    return {f"{p.parent.name}/{p.name}" for p in tree.glob("*/*")
+            if p.is_file() and not p.name.startswith(".")}  # not pull's temporary files
 
 
 def _state_path(store: ModelStore, name: str) -> Path:
