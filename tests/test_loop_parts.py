@@ -51,3 +51,12 @@ def test_label_files_are_the_pulled_tree(tmp_path):
     (tmp_path / "images" / "coat" / ".ab2.png.tmp").write_bytes(b"half")
     assert label_files(tmp_path) == {"coat/ab.png"}
     assert label_files(tmp_path / "missing") == set()
+
+
+def test_demo_never_wipes_a_folder_it_did_not_make(tmp_path):
+    from visionloop.demo import Demo, DemoConfig
+
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a demo directory"):
+        Demo(DemoConfig(out=tmp_path)).run()
+    assert (tmp_path / "precious.txt").read_text() == "keep me"

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 log = logging.getLogger("visionloop.demo")
+DEMO_MARKER = ".visionloop-demo"
 
 
 @dataclass(frozen=True)
@@ -181,9 +182,13 @@ class Demo:
     def run(self) -> Path:
         from labeling import server as labelstudio_server
 
-        if self.cfg.out.exists():
-            shutil.rmtree(self.cfg.out)
-        self.cfg.out.mkdir(parents=True)
+        out = self.cfg.out
+        if out.exists() and any(out.iterdir()):
+            if not (out / DEMO_MARKER).exists():  # never wipe a folder the demo did not make
+                raise ValueError(f"{out} exists and is not a demo directory; pick another --out")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DEMO_MARKER).write_text("made by visionloop demo; cleared by the next run\n")
         # Label Studio's first start migrates its database (~1 min): overlap it with training
         started: dict = {}
         starter = threading.Thread(target=self._start_labelstudio, args=(started,), daemon=True)
