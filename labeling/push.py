@@ -4,7 +4,8 @@ Reads only the capture store. Each push:
 1. reconciles: every task in the project names its image (data.capture_sha); captures of
    that image not yet linked get the task id. This is what makes a push idempotent: an
    import that reached Label Studio but was never recorded here (crash, lost reply) is
-   found on the next run instead of being imported twice;
+   found on the next run instead of being imported twice. Captures linked to a task that
+   was deleted in Label Studio are unlinked and can be pushed again;
 2. ranks the unlinked captures with a query strategy (labeling.strategies), one per image;
 3. walks that order, dropping near-duplicates of images already pushed or chosen;
 4. imports the chosen images in chunks, with the model's guess as a prediction, and
@@ -61,6 +62,7 @@ class PushOptions:
 @dataclass
 class PushResult:
     reconciled: int = 0  # captures linked to tasks that already existed
+    unlinked_deleted: int = 0  # captures whose task was deleted in Label Studio: candidates again
     candidates: int = 0  # distinct unlinked images considered
     exact_duplicates: int = 0  # captures of an image already pushed or captured twice
     near_duplicates: int = 0
@@ -95,12 +97,28 @@ def _link(conn: sqlite3.Connection, links: dict[str, int], model: str) -> int:
     return linked
 
 
-def reconcile(conn: sqlite3.Connection, client: LabelStudio, project: Project,
-              model: str) -> int:
+def project_tasks(client: LabelStudio, project: Project) -> dict[str, int]:
+    """Image sha256 -> task id, for every task push made in the project."""
     with unavailable_as_error("listing tasks"):
-        existing = {t.data["capture_sha"]: t.id for t in client.tasks.list(project=project.id)
-                    if "capture_sha" in (t.data or {})}
-    return _link(conn, existing, model)
+        return {t.data["capture_sha"]: t.id for t in client.tasks.list(project=project.id)
+                if "capture_sha" in (t.data or {})}
+
+
+def unlink_deleted(conn: sqlite3.Connection, live: set[int], model: str) -> int:
+    """Unlink captures whose task was deleted in Label Studio: their image can be pushed
+    again instead of being lost to labeling. Returns captures unlinked."""
+    dead = [task for (task,) in conn.execute(
+        "SELECT DISTINCT task_id FROM captures WHERE model_name = ? AND task_id IS NOT NULL",
+        (model,)) if task not in live]
+    conn.execute("BEGIN")
+    try:
+        unlinked = sum(conn.execute("UPDATE captures SET task_id = NULL WHERE model_name = ?"
+                                    " AND task_id = ?", (model, task)).rowcount for task in dead)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return unlinked
 
 
 def pushed_tasks(conn: sqlite3.Connection, model: str) -> dict[str, int]:
@@ -205,10 +223,12 @@ def push(capture_dir: Path, client: LabelStudio, project: Project, model: str,
     conn = connect(capture_dir / "captures.sqlite3", busy_timeout_ms=5000)
     try:
         result = PushResult()
+        existing = project_tasks(client, project)
+        result.unlinked_deleted = unlink_deleted(conn, set(existing.values()), model)
         # new captures of images that already are tasks become those tasks
         result.exact_duplicates = _link(conn, pushed_tasks(conn, model), model)
-        # then tasks Label Studio has but we never recorded (a crash after an import)
-        result.reconciled = reconcile(conn, client, project, model)
+        # tasks Label Studio has but we never recorded (a crash after an import)
+        result.reconciled = _link(conn, existing, model)
         pushed = pushed_tasks(conn, model)
         candidates, usable = unlinked_candidates(conn, model, len(project.classes),
                                                  project.classes)

@@ -121,6 +121,24 @@ def test_push_ranks_imports_predictions_and_is_idempotent(labelstudio, trained_v
     assert len(shas) == 12 and len(set(shas)) == 12  # no image is ever two tasks
 
 
+def test_a_task_deleted_in_label_studio_is_pushed_again(labelstudio, trained_version,
+                                                        pool_predictions):
+    root = capture_store(labelstudio, "deleted", pool_predictions[:6])
+    client, manifest, project = project_for(labelstudio, trained_version, "deletion test")
+    options = PushOptions(budget=3, strategy="least_confidence")
+    push(root, client, project, manifest.name, MINORITY, options,
+         files_root=labelstudio.files_root)
+    victim = tasks_of(client, project)[0]
+    client.tasks.delete(id=victim.id)
+    again = push(root, client, project, manifest.name, MINORITY, options,
+                 files_root=labelstudio.files_root)
+    assert again.unlinked_deleted == 1 and again.pushed == 3
+    shas = {t.data["capture_sha"]: t.id for t in tasks_of(client, project)}
+    assert len(shas) == 5  # 2 kept + 3 new, each image once
+    assert victim.data["capture_sha"] in shas and shas[victim.data["capture_sha"]] != victim.id
+    assert links(root)[victim.data["capture_sha"]] == shas[victim.data["capture_sha"]]
+
+
 def test_duplicates_become_the_existing_task(labelstudio, trained_version, pool_predictions):
     root = capture_store(labelstudio, "dupes", pool_predictions[:20])
     client, manifest, project = project_for(labelstudio, trained_version, "dedupe test")
