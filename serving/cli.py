@@ -64,6 +64,8 @@ def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
     add_package_arguments(parser)
     parser.add_argument("--home", type=Path, default=ServerConfig.home)
     parser.add_argument("--management-port", type=int, default=ServerConfig.management_port)
+    parser.add_argument("--token-auth", action="store_true",
+                        help="the server runs with token auth (keys from HOME/key_file.json)")
 
 
 def run_promote(args: argparse.Namespace) -> int:
@@ -75,7 +77,7 @@ def run_promote(args: argparse.Namespace) -> int:
     version, mar = _package(args)
     print(mar)
     cfg = ServerConfig(home=args.home, model_store=args.export_path,
-                       management_port=args.management_port)
+                       management_port=args.management_port, token_auth=args.token_auth)
     old = promote(cfg, args.name, version, mar.name)
     Registry(ModelStore(args.store), args.name).set_champion(version)
     print(f"{args.name}: {version} is the default" + (f", {old} removed" if old else ""))
@@ -90,6 +92,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", type=Path, default=ServerConfig.home)
     parser.add_argument("--host", default=ServerConfig.host,
                         help="bind address (loopback; 0.0.0.0 only inside a container network)")
+    parser.add_argument("--token-auth", action="store_true",
+                        help="require TorchServe's keys (HOME/key_file.json) on every API")
     parser.add_argument("--model-store", type=Path, default=ServerConfig.model_store)
     parser.add_argument("--capture-dir", type=Path, default=ServerConfig.capture_dir)
     parser.add_argument("--model", action="append", default=[], metavar="NAME=FILE.mar",
@@ -107,7 +111,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from serving import server
 
     cfg = ServerConfig(home=args.home, model_store=args.model_store, capture_dir=args.capture_dir,
-                       host=args.host,
+                       host=args.host, token_auth=args.token_auth,
                        inference_port=args.inference_port, management_port=args.management_port,
                        metrics_port=args.metrics_port,
                        grpc_inference_port=args.grpc_inference_port,

@@ -7,41 +7,38 @@ requests in flight leaves those requests without any answer, hence the drain.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 
-from serving.server import ServerConfig, ServerError, get_json, workers_ready
+from serving.server import ServerConfig, ServerError, management_json, workers_ready
 
 log = logging.getLogger(__name__)
 
 
 def management(cfg: ServerConfig, method: str, path: str, timeout: float = 120.0) -> dict:
-    request = urllib.request.Request(f"{cfg.url('management')}{path}", method=method)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read() or b"{}")
+        return management_json(cfg, path, method, timeout)
     except urllib.error.HTTPError as exc:
         raise ServerError(f"{method} {path} -> {exc.code}: {exc.read().decode()[:500]}") from exc
 
 
 def versions(cfg: ServerConfig, model: str) -> list[dict]:
     try:
-        return list(get_json(f"{cfg.url('management')}/models/{model}/all"))
+        return list(management_json(cfg, f"/models/{model}/all"))
     except urllib.error.HTTPError:
         return []
 
 
 def default_version(cfg: ServerConfig, model: str) -> str:
     """TorchServe 0.12 has no isDefault flag: describing the bare name describes the default."""
-    return get_json(f"{cfg.url('management')}/models/{model}")[0]["modelVersion"]
+    return management_json(cfg, f"/models/{model}")[0]["modelVersion"]
 
 
 def pending_requests(cfg: ServerConfig, model: str, version: str) -> int:
-    described = get_json(f"{cfg.url('management')}/models/{model}/{version}")
+    described = management_json(cfg, f"/models/{model}/{version}")
     return int(described[0]["jobQueueStatus"]["pendingRequests"])
 
 

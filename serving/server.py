@@ -99,16 +99,33 @@ def read_pid(cfg: ServerConfig) -> int | None:
     return pid
 
 
-def get_json(url: str, timeout: float = 5.0) -> object:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
+def auth_headers(cfg: ServerConfig, api: str) -> dict[str, str]:
+    """With token auth on, the key TorchServe wrote to its working dir for this API
+    ("inference" or "management"). Keys expire after 60 minutes (TorchServe's default)."""
+    if not cfg.token_auth:
+        return {}
+    try:
+        keys = json.loads((cfg.home / "key_file.json").read_text())
+    except (FileNotFoundError, ValueError) as exc:
+        raise ServerError(f"token auth is on but {cfg.home / 'key_file.json'} is unreadable: "
+                          f"{exc}") from exc
+    return {"Authorization": f"Bearer {keys[api]['key']}"}
+
+
+def management_json(cfg: ServerConfig, path: str, method: str = "GET",
+                    timeout: float = 5.0) -> object:
+    """A management API call, with the management key when token auth is on."""
+    request = urllib.request.Request(f"{cfg.url('management')}{path}", method=method,
+                                     headers=auth_headers(cfg, "management"))
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read() or b"{}")
 
 
 def management_reachable(cfg: ServerConfig) -> bool:
     """A TorchServe answers on the management port (ours or one in another container)."""
     try:
-        get_json(f"{cfg.url('management')}/models", timeout=2.0)
-    except (urllib.error.URLError, OSError, ValueError):
+        management_json(cfg, "/models", timeout=2.0)
+    except (urllib.error.URLError, OSError, ValueError, ServerError):
         return False
     return True
 
@@ -116,8 +133,8 @@ def management_reachable(cfg: ServerConfig) -> bool:
 def workers_ready(cfg: ServerConfig, model: str, version: str | None = None) -> bool:
     """A READY worker for the model (any version, or the one given)."""
     try:
-        described = get_json(f"{cfg.url('management')}/models/{model}/all")
-    except (urllib.error.URLError, OSError, ValueError):
+        described = management_json(cfg, f"/models/{model}/all")
+    except (urllib.error.URLError, OSError, ValueError, ServerError):
         return False
     return any(w.get("status") == "READY" for d in described
                if version in (None, d["modelVersion"]) for w in d.get("workers", []))
@@ -192,7 +209,7 @@ def status(cfg: ServerConfig) -> dict:
     result: dict = {"running": pid is not None, "pid": pid, "home": str(cfg.home)}
     if pid is not None:
         try:
-            result["models"] = get_json(f"{cfg.url('management')}/models")
+            result["models"] = management_json(cfg, "/models")
         except (urllib.error.URLError, OSError, ValueError) as exc:
             result["models_error"] = str(exc)
     return result

@@ -23,10 +23,12 @@ def free_ports() -> dict[str, int]:
     return ports
 
 
-def predict(cfg: server.ServerConfig, model: str, body: bytes) -> tuple[int, dict]:
+def predict(cfg: server.ServerConfig, model: str, body: bytes,
+            headers: dict[str, str] | None = None) -> tuple[int, dict]:
     request = urllib.request.Request(f"{cfg.url('inference')}/predictions/{model}", data=body,
                                      method="POST",
-                                     headers={"Content-Type": "application/octet-stream"})
+                                     headers={"Content-Type": "application/octet-stream",
+                                              **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())

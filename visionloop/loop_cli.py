@@ -33,6 +33,8 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torchserve-home", type=Path, default=ServerConfig.home,
                         help="the running TorchServe to promote into (skipped if not running)")
     parser.add_argument("--torchserve-host", default=ServerConfig.host)
+    parser.add_argument("--torchserve-token-auth", action="store_true",
+                        help="TorchServe runs with token auth (keys in its home's key_file.json)")
     parser.add_argument("--management-port", type=int, default=ServerConfig.management_port)
     parser.add_argument("--every", help="keep running: once per DURATION (e.g. 30m, 6h)")
 
@@ -45,6 +47,7 @@ def run_retrain(args: argparse.Namespace) -> int:
     cfg = RetrainConfig(**{f.name: getattr(args, f.name) for f in fields(RetrainConfig)})
     labelstudio = server_config(args)
     torchserve = ServerConfig(home=args.torchserve_home, host=args.torchserve_host,
+                              token_auth=args.torchserve_token_auth,
                               model_store=args.torchserve_home / "model-store",
                               management_port=args.management_port)
 
