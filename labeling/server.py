@@ -156,6 +156,23 @@ def start(cfg: LabelStudioConfig, timeout: float = 180.0) -> int:
     return process.pid
 
 
+def _gone(pid: int, cfg: LabelStudioConfig) -> bool:
+    """Reap it if it is our child; otherwise check that it no longer exists."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return read_pid(cfg) is None
+
+
+def _wait_gone(pid: int, cfg: LabelStudioConfig, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gone(pid, cfg):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def stop(cfg: LabelStudioConfig, timeout: float = 20.0) -> bool:
     """SIGTERM the server's process group, wait for it (SIGKILL after timeout)."""
     pid = read_pid(cfg)
@@ -167,20 +184,9 @@ def stop(cfg: LabelStudioConfig, timeout: float = 20.0) -> bool:
             os.killpg(pid, sig)
         except ProcessLookupError:
             break
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                # reap it if it is our child; otherwise just check that it is gone
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    break
-            except ChildProcessError:
-                if read_pid(cfg) is None:
-                    break
-            time.sleep(0.2)
-        else:
-            log.warning("Label Studio pid %d ignored %s; escalating", pid, sig.name)
-            continue
-        break
+        if _wait_gone(pid, cfg, timeout):
+            break
+        log.warning("Label Studio pid %d ignored %s for %.0fs", pid, sig.name, timeout)
     cfg.pid_file.unlink(missing_ok=True)
     return True
 
