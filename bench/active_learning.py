@@ -24,7 +24,6 @@ Reported, mean ± std over seeds:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import random
@@ -77,10 +76,8 @@ def metrics(version_dir: Path) -> dict:
 
 
 def pool(data: Path) -> tuple[list[Path], list[str]]:
-    with open(data / "pool_labels.csv") as f:
-        truth = {row["file"]: row["label"] for row in csv.DictReader(f)}
-    files = sorted((data / "pool").rglob("*.png"))
-    return files, [truth[p.name] for p in files]
+    entries = fashion_mnist.read_pool(data)
+    return [path for path, _ in entries], [label for _, label in entries]
 
 
 def select(strategy: str, model: InProcessModel, files: list[Path], unlabeled: list[int],

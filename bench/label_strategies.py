@@ -13,7 +13,6 @@ whole pool (labelling without a model) and random among the captures.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import statistics
 import tempfile
@@ -27,6 +26,7 @@ from labeling.push import PushOptions, choose, unlinked_candidates
 from labeling.strategies import rank
 from serving.capture import CapturePolicy, CaptureStore, connect
 from serving.offline import InProcessModel
+from trainer.fashion_mnist import read_pool
 from visionloop.classes import minority_classes
 from visionloop.store import ModelStore
 
@@ -34,10 +34,8 @@ RANKED = ("least_confidence", "margin", "entropy", "class_balanced")
 
 
 def load_pool(data: Path) -> tuple[list[bytes], list[str]]:
-    with open(data / "pool_labels.csv") as f:
-        truth = {row["file"]: row["label"] for row in csv.DictReader(f)}
-    files = sorted((data / "pool").rglob("*.png"))
-    return [f.read_bytes() for f in files], [truth[f.name] for f in files]
+    pool = read_pool(data)
+    return [path.read_bytes() for path, _ in pool], [label for _, label in pool]
 
 
 def model_minority(model: InProcessModel) -> list[str]:

@@ -5,7 +5,6 @@ called by Label Studio itself, and Label Studio stopped in the middle of a push.
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
 import io
 import json
@@ -29,6 +28,7 @@ from labeling.push import PushOptions, push
 from serving.capture import CapturePolicy, CaptureStore
 from serving.capture import connect as connect_captures
 from serving.offline import InProcessModel
+from trainer.fashion_mnist import read_pool
 from visionloop.manifest import ModelManifest
 
 pytestmark = pytest.mark.slow
@@ -38,12 +38,10 @@ MINORITY = ["coat", "sandal", "bag"]
 @pytest.fixture(scope="module")
 def pool_predictions(small_scenario: Path, trained_version: Path):
     """(image bytes, reply, true label) for every pool image, from the served model path."""
-    with open(small_scenario / "pool_labels.csv") as f:
-        truth = {row["file"]: row["label"] for row in csv.DictReader(f)}
-    files = sorted((small_scenario / "pool").rglob("*.png"))
-    data = [f.read_bytes() for f in files]
+    pool = read_pool(small_scenario)
+    data = [path.read_bytes() for path, _ in pool]
     replies = InProcessModel(trained_version).predict(data)
-    return [(d, r, truth[f.name]) for d, r, f in zip(data, replies, files, strict=True)]
+    return [(d, r, label) for d, r, (_, label) in zip(data, replies, pool, strict=True)]
 
 
 def capture_store(labelstudio, name: str, predictions) -> Path:

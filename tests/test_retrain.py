@@ -5,7 +5,6 @@ recovers."""
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import signal
@@ -19,6 +18,7 @@ import pytest
 from serving import server
 from serving.archive import package
 from tests.servers import free_ports, predict
+from trainer.fashion_mnist import read_pool
 from visionloop.lock import FileLock
 from visionloop.registry import Registry
 from visionloop.retrain import RetrainConfig, retrain_once
@@ -36,16 +36,15 @@ def make_store(trained_version: Path, root: Path) -> Path:
 
 def write_labels(labels_dir: Path, small_scenario: Path, wrong: bool = False) -> int:
     """The pool with its true labels (or every label shifted by one class), as pull writes it."""
-    with open(small_scenario / "pool_labels.csv") as f:
-        truth = {row["file"]: row["label"] for row in csv.DictReader(f)}
-    classes = sorted({label for label in truth.values()})
-    for file, label in truth.items():
+    pool = read_pool(small_scenario)
+    classes = sorted({label for _, label in pool})
+    for path, label in pool:
         if wrong:
             label = classes[(classes.index(label) + 1) % len(classes)]
-        target = labels_dir / "images" / label / file
+        target = labels_dir / "images" / label / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(small_scenario / "pool" / file, target)
-    return len(truth)
+        shutil.copyfile(path, target)
+    return len(pool)
 
 
 def config(store: Path, small_scenario: Path, labels: Path, **overrides) -> RetrainConfig:

@@ -14,7 +14,6 @@ labels/, Label Studio's and TorchServe's homes, and report.md + report.png at th
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import random
@@ -87,11 +86,12 @@ def free_port() -> int:
 
 def pool_truth(data: Path) -> tuple[list[Path], dict[str, str]]:
     """Pool files in a fixed shuffled order, and sha256 -> true label."""
-    with open(data / "pool_labels.csv") as f:
-        labels = {row["file"]: row["label"] for row in csv.DictReader(f)}
-    files = sorted((data / "pool").rglob("*.png"))
-    random.Random(0).shuffle(files)
-    return files, {hashlib.sha256(p.read_bytes()).hexdigest(): labels[p.name] for p in files}
+    from trainer.fashion_mnist import read_pool
+
+    pool = read_pool(data)
+    random.Random(0).shuffle(pool)
+    return ([p for p, _ in pool],
+            {hashlib.sha256(p.read_bytes()).hexdigest(): label for p, label in pool})
 
 
 def stream(url: str, files: list[Path], concurrency: int = 4) -> tuple[int, int]:
