@@ -41,14 +41,11 @@ def labelstudio(tmp_path_factory: pytest.TempPathFactory):
     Its local-files root is a folder the tests put their capture stores under. A server
     that cannot start fails the tests that need it: it is never skipped.
     """
-    import socket
-
     from labeling import server
+    from visionloop.ports import free_loopback_ports
 
     root = tmp_path_factory.mktemp("labelstudio")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_loopback_ports(1)
     cfg = server.LabelStudioConfig(data_dir=root / "data", files_root=root / "files", port=port)
     server.start(cfg)
     yield cfg

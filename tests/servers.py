@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 
 from serving import server
+from visionloop.ports import free_loopback_ports
 
 
 def free_ports() -> dict[str, int]:
     """Five distinct free loopback ports: HTTP inference/management/metrics and gRPC."""
     names = ("inference_port", "management_port", "metrics_port", "grpc_inference_port",
              "grpc_management_port")
-    sockets = [socket.socket() for _ in names]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = {name: s.getsockname()[1] for name, s in zip(names, sockets, strict=True)}
-    for s in sockets:
-        s.close()
-    return ports
+    return dict(zip(names, free_loopback_ports(len(names)), strict=True))
 
 
 def predict(cfg: server.ServerConfig, model: str, body: bytes,

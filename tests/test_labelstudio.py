@@ -8,7 +8,6 @@ import base64
 import hashlib
 import io
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from serving.capture import connect as connect_captures
 from serving.offline import InProcessModel
 from trainer.fashion_mnist import read_pool
 from visionloop.manifest import ModelManifest
+from visionloop.ports import free_loopback_ports
 
 pytestmark = pytest.mark.slow
 MINORITY = ["coat", "sandal", "bag"]
@@ -343,9 +343,7 @@ def test_cli_push_pull_and_an_unreachable_server(labelstudio, trained_version,
                      "--labelstudio-port", str(labelstudio.port))
     assert json.loads(status.stdout)["healthy"] is True
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = str(s.getsockname()[1])
+    closed_port = str(free_loopback_ports(1)[0])  # nothing listens there
     down = run_cli("label", "pull", *common[:-6], "--labelstudio-port", closed_port,
                    "--capture-dir", str(labelstudio.files_root), "--labels-dir", str(tmp_path))
     assert down.returncode == 3 and "nothing lost" in down.stdout

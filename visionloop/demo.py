@@ -18,13 +18,14 @@ import hashlib
 import logging
 import random
 import shutil
-import socket
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from visionloop.ports import free_loopback_ports
 
 log = logging.getLogger("visionloop.demo")
 DEMO_MARKER = ".visionloop-demo"
@@ -76,12 +77,6 @@ class Timer:
 
     def step(self, message: str, *args: object) -> None:
         log.info("[%5.0fs] " + message, time.monotonic() - self.start, *args)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pool_truth(data: Path) -> tuple[list[Path], dict[str, str]]:
@@ -160,13 +155,13 @@ class Demo:
         out = cfg.out
         self.store = out / "model_store"
         self.captures = out / "captures"
+        ports = free_loopback_ports(6)
         self.labelstudio = LabelStudioConfig(data_dir=out / "labelstudio",
-                                             files_root=self.captures, port=free_port())
+                                             files_root=self.captures, port=ports[0])
         self.torchserve = ServerConfig(
             home=out / "torchserve", model_store=out / "torchserve" / "model-store",
-            capture_dir=self.captures, inference_port=free_port(),
-            management_port=free_port(), metrics_port=free_port(),
-            grpc_inference_port=free_port(), grpc_management_port=free_port())
+            capture_dir=self.captures, inference_port=ports[1], management_port=ports[2],
+            metrics_port=ports[3], grpc_inference_port=ports[4], grpc_management_port=ports[5])
         self.results: list[RoundResult] = []
 
     def retrain_config(self, name: str, labels_dir: Path):
