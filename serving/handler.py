@@ -17,7 +17,7 @@ from typing import Any
 
 from serving.backends import load_backend
 from serving.capture import CapturePolicy, CaptureStore
-from serving.inference import BadInput, Limits, decode, postprocess, preprocess_batch
+from serving.inference import BadInput, Limits, predict_batch
 from serving.metrics import emit as emit_metrics
 from visionloop.manifest import ModelManifest
 
@@ -57,20 +57,20 @@ class VisionloopHandler:
 
     def handle(self, data: list[dict], context: Any) -> list[Any]:
         """One reply per request, in order; bad requests get a 4xx of their own."""
+        raw = [row.get("data") or row.get("body") for row in data]
+        results = predict_batch(self.backend, self.manifest, raw, self.config.limits,
+                                self.config.top_k)
         replies: list[Any] = [None] * len(data)
-        images, good, bodies = [], [], []
-        for i, row in enumerate(data):
-            body = row.get("data") or row.get("body")
-            try:
-                images.append(decode(body, self.config.limits))
+        good = []
+        for i, result in enumerate(results):
+            if isinstance(result, BadInput):
+                context.set_response_status(result.status, result.reason, idx=i)
+                replies[i] = {"error": result.reason, "status": result.status}
+            else:
                 good.append(i)
-                bodies.append(bytes(body))
-            except BadInput as exc:
-                context.set_response_status(exc.status, exc.reason, idx=i)
-                replies[i] = {"error": exc.reason, "status": exc.status}
-        if images:
-            logits = self.backend(preprocess_batch(images, self.manifest))
-            answered = postprocess(logits, self.manifest, self.config.top_k)
+        if good:
+            answered = [results[i] for i in good]
+            bodies = [bytes(raw[i]) for i in good]
             captured, errors = 0, 0
             if self.capture is not None:
                 ids = [context.get_request_id(i) or uuid.uuid4().hex for i in good]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,3 +87,23 @@ def postprocess(logits: torch.Tensor, manifest: ModelManifest, top_k: int = 5) -
             "probabilities": [round(float(p), 6) for p in row],
         })
     return replies
+
+
+def predict_batch(backend: Callable[[torch.Tensor], torch.Tensor], manifest: ModelManifest,
+                  bodies: list, limits: Limits = Limits(),
+                  top_k: int = 5) -> list[dict | BadInput]:
+    """Decode every body (its BadInput where that fails), run the good ones as one batch:
+    one reply or BadInput per body, in order. The handler and serving.offline both use it."""
+    results: list[dict | BadInput | None] = [None] * len(bodies)
+    images, good = [], []
+    for i, body in enumerate(bodies):
+        try:
+            images.append(decode(body, limits))
+            good.append(i)
+        except BadInput as exc:
+            results[i] = exc
+    if images:
+        logits = backend(preprocess_batch(images, manifest))
+        for i, reply in zip(good, postprocess(logits, manifest, top_k), strict=True):
+            results[i] = reply
+    return results

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from serving.backends import load_backend
-from serving.inference import BadInput, decode, postprocess, preprocess_batch
+from serving.inference import BadInput, predict_batch
 from visionloop.manifest import ModelManifest
 
 
@@ -24,20 +24,8 @@ class InProcessModel:
     def predict(self, images: list[bytes], batch_size: int = 64) -> list[dict | BadInput]:
         """One reply per image (as the endpoint answers), or the BadInput it would raise."""
         replies: list[dict | BadInput] = []
-        for start in range(0, len(images), batch_size):
-            decoded, positions = [], []
-            chunk = images[start:start + batch_size]
-            chunk_replies: list[dict | BadInput | None] = [None] * len(chunk)
-            for i, data in enumerate(chunk):
-                try:
-                    decoded.append(decode(data))
-                    positions.append(i)
-                except BadInput as exc:
-                    chunk_replies[i] = exc
-            if decoded:
-                with torch.inference_mode():
-                    logits = self.backend(preprocess_batch(decoded, self.manifest))
-                for i, reply in zip(positions, postprocess(logits, self.manifest), strict=True):
-                    chunk_replies[i] = reply
-            replies += chunk_replies
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                replies += predict_batch(self.backend, self.manifest,
+                                         images[start:start + batch_size])
         return replies
