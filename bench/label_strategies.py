@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from labeling.project import Project
-from labeling.push import PushOptions, choose, unlinked_candidates
+from labeling.push import PushOptions, choose, minority_for_push, unlinked_candidates
 from labeling.strategies import rank
 from serving.capture import CapturePolicy, CaptureStore, connect
 from serving.offline import InProcessModel
 from trainer.fashion_mnist import read_pool
-from visionloop.classes import minority_classes
 from visionloop.store import ModelStore
 
 RANKED = ("least_confidence", "margin", "entropy", "class_balanced")
@@ -36,11 +35,6 @@ RANKED = ("least_confidence", "margin", "entropy", "class_balanced")
 def load_pool(data: Path) -> tuple[list[bytes], list[str]]:
     pool = read_pool(data)
     return [path.read_bytes() for path, _ in pool], [label for _, label in pool]
-
-
-def model_minority(model: InProcessModel) -> list[str]:
-    counts = model.manifest.metrics.get("train_counts")
-    return minority_classes(counts) if counts else list(model.manifest.metrics["minority"])
 
 
 def share(labels: list[str], minority: set[str]) -> float:
@@ -55,7 +49,7 @@ def run(args: argparse.Namespace) -> str:
     started = time.perf_counter()
     replies = model.predict(images)
     predict_s = time.perf_counter() - started
-    minority = model_minority(model)
+    minority = minority_for_push(model.manifest, pulled={})
     minority_set = set(minority)
     lines = [f"# Minority share of pushed images per query strategy ({args.version_dir})", "",
              f"Pool: {len(images)} images, {sum(lbl in minority_set for lbl in labels)} of "

@@ -99,27 +99,15 @@ def _project(args: argparse.Namespace, client):
                                     manifest.classes)
 
 
-def _minority(manifest, labels_dir: Path) -> list[str]:
-    """Minority classes by labelled images so far: the training set plus pulled labels."""
-    from labeling.pull import labelled_counts
-    from visionloop.classes import minority_classes
-
-    train = manifest.metrics.get("train_counts")
-    if not train:  # manifests written before train counts were recorded
-        return list(manifest.metrics.get("minority", []))
-    pulled = labelled_counts(labels_dir)
-    return minority_classes({c: train.get(c, 0) + pulled.get(c, 0) for c in manifest.classes})
-
-
 def _push(args: argparse.Namespace) -> int:
-    from labeling.client import connect, unavailable_as_error
-    from labeling.push import PushOptions, push
+    from labeling.client import connect
+    from labeling.pull import labelled_counts
+    from labeling.push import PushOptions, minority_for_push, push
 
     cfg = server_config(args)
     client = connect(cfg)
-    with unavailable_as_error("finding the project"):
-        manifest, project = _project(args, client)
-    minority = _minority(manifest, args.labels_dir)
+    manifest, project = _project(args, client)
+    minority = minority_for_push(manifest, labelled_counts(args.labels_dir))
     options = PushOptions(budget=args.budget, strategy=args.strategy,
                           minority_share=args.minority_share, transport=args.transport,
                           min_correlation=args.near_duplicate_correlation, seed=args.seed)
@@ -133,12 +121,11 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from labeling.client import connect, unavailable_as_error
+    from labeling.client import connect
     from labeling.pull import pull
 
     client = connect(server_config(args))
-    with unavailable_as_error("finding the project"):
-        _, project = _project(args, client)
+    _, project = _project(args, client)
     result = pull(args.labels_dir, args.capture_dir, client, project)
     print(json.dumps({"project": project.id, **asdict(result)}, indent=2))
     return 0

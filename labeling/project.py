@@ -13,6 +13,8 @@ from xml.sax.saxutils import quoteattr
 
 from label_studio_sdk import LabelStudio
 
+from labeling.client import unavailable_as_error
+
 log = logging.getLogger(__name__)
 
 FROM_NAME, TO_NAME, IMAGE_KEY = "label", "image", "image"
@@ -51,9 +53,15 @@ def default_title(model_name: str) -> str:
 
 
 def ensure_project(client: LabelStudio, title: str, classes: tuple[str, ...]) -> Project:
-    """Find the project by title or create it; idempotent across runs."""
+    """Find the project by title or create it; idempotent across runs. Label Studio down or
+    failing: LabelStudioUnavailable."""
     if len(title) < 3:
         raise ProjectError(f"Label Studio project titles need 3 characters or more: {title!r}")
+    with unavailable_as_error("finding the project"):
+        return _find_or_create(client, title, classes)
+
+
+def _find_or_create(client: LabelStudio, title: str, classes: tuple[str, ...]) -> Project:
     matches = [p for p in client.projects.list(title=title) if p.title == title]
     if len(matches) > 1:
         raise ProjectError(f"{len(matches)} Label Studio projects are titled {title!r}; "

@@ -33,6 +33,8 @@ from labeling.dedupe import NEAR_DUPLICATE_CORRELATION, NearDuplicateFilter, thu
 from labeling.project import FROM_NAME, IMAGE_KEY, TO_NAME, Project
 from labeling.strategies import rank
 from serving.capture import connect, image_path
+from visionloop.classes import minority_classes
+from visionloop.manifest import ModelManifest
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,15 @@ class Candidate:
     predicted: str
     probabilities: np.ndarray
     scores: dict[str, float]
+
+
+def minority_for_push(manifest: ModelManifest, pulled: dict[str, int]) -> list[str]:
+    """Minority classes by labelled images so far: the model's training set plus the labels
+    pulled since (`labeling.pull.labelled_counts`)."""
+    train = manifest.metrics.get("train_counts")
+    if not train:  # manifests written before train counts were recorded
+        return list(manifest.metrics.get("minority", []))
+    return minority_classes({c: train.get(c, 0) + pulled.get(c, 0) for c in manifest.classes})
 
 
 def _link(conn: sqlite3.Connection, links: dict[str, int], model: str) -> int:

@@ -210,15 +210,14 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
 
 
 def pull_labels(cfg: RetrainConfig, labelstudio: LabelStudioConfig) -> None:
-    from labeling.client import connect, unavailable_as_error
+    from labeling.client import connect
     from labeling.project import default_title, ensure_project
     from labeling.pull import pull
 
     store = ModelStore(cfg.store)
     manifest = store.load_manifest(cfg.name, Registry(store, cfg.name).champion())
     client = connect(labelstudio)
-    with unavailable_as_error("finding the project"):
-        project = ensure_project(client, default_title(cfg.name), manifest.classes)
+    project = ensure_project(client, default_title(cfg.name), manifest.classes)
     result = pull(cfg.labels_dir, cfg.capture_dir, client, project)
     log.info("pulled: %d labelled tasks (+%d, ~%d, -%d)", result.labelled_tasks, result.added,
              result.changed, result.removed)
