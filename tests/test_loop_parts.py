@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -18,6 +21,30 @@ def test_a_second_retrain_is_refused_while_the_first_holds_the_lock(tmp_path):
                 pass
     with FileLock(path):  # released on exit
         pass
+
+
+def test_a_killed_runs_lock_frees_when_its_forked_children_are_gone(tmp_path):
+    """A DataLoader worker forked by the run shares its flock: the lock waits for it."""
+    path = tmp_path / ".retrain.lock"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import os, signal, sys, time
+from visionloop.lock import FileLock
+lock = FileLock({str(path)!r}).__enter__()
+if os.fork() == 0:   # the worker outlives its parent by two seconds
+    time.sleep(2)
+    os._exit(0)
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.wait(10)
+    with pytest.raises(LockBusy):  # the parent is dead, its child still holds the lock
+        with FileLock(path):
+            pass
+    started = time.monotonic()
+    with FileLock(path, wait_s=20):
+        pass
+    assert time.monotonic() - started < 10
 
 
 def test_durations():

@@ -139,7 +139,8 @@ def test_retrain_killed_mid_training_leaves_the_champion_serving(
     assert status == 200 and reply["version"] == champion
     assert Registry(ModelStore(store), "fm").champion() == champion
     assert ModelStore(store).versions("fm") == versions_before
-    with FileLock(store / "fm" / ".retrain.lock"):  # the dead run's lock is free
+    # the dead run's lock is free once the kernel has reaped its DataLoader workers too
+    with FileLock(store / "fm" / ".retrain.lock", wait_s=30):
         pass
     # the next run starts clean and finishes
     decision = retrain_once(config(store, small_scenario, labels, epochs=1,
