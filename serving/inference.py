@@ -7,15 +7,19 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from visionloop.manifest import ModelManifest
 from visionloop.preprocess import preprocess_image
 
 DEFAULT_MAX_PIXELS = 40_000_000  # about 6300 x 6300; far above any photo a classifier needs
 DEFAULT_MAX_BYTES = 6_000_000  # under TorchServe's own max_request_size (6,553,500)
+# Resizing the short side to the model's size scales the long side with it: a 3955-byte
+# 4,000,000x1 PNG would become a 128,000,000x32 tensor (12 GB). Panoramas stay under 32:1.
+DEFAULT_MAX_ASPECT_RATIO = 32
 
 
 class BadInput(ValueError):
@@ -30,10 +34,16 @@ class BadInput(ValueError):
 class Limits:
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
 
 
 def decode(data: bytes | bytearray | None, limits: Limits = Limits()) -> torch.Tensor:
-    """Image bytes -> uint8 CHW tensor (1 or 3 channels), or BadInput with the reason."""
+    """Image bytes -> uint8 CHW tensor (1 to 4 channels), or BadInput with the reason.
+
+    JPEG goes through torchvision.io (libjpeg-turbo); every other format through Pillow,
+    because torchvision's PNG decoder crashes the process on some corrupt files (found by
+    tests/test_fuzz.py: a flipped bit in the deflate stream, "invalid distance too far
+    back", is a segfault rather than an exception)."""
     if not data:
         raise BadInput(400, "empty request body: send the image bytes (JPEG, PNG, GIF, WebP)")
     if len(data) > limits.max_bytes:
@@ -41,7 +51,7 @@ def decode(data: bytes | bytearray | None, limits: Limits = Limits()) -> torch.T
     # Read only the header first: a decompression bomb is refused before any pixel is decoded.
     try:
         with Image.open(io.BytesIO(data)) as header:
-            width, height = header.size
+            width, height, fmt = *header.size, header.format
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadInput(400, f"body is not a readable image ({type(exc).__name__}: {exc})") from exc
     except Image.DecompressionBombError as exc:
@@ -49,14 +59,41 @@ def decode(data: bytes | bytearray | None, limits: Limits = Limits()) -> torch.T
     if width * height > limits.max_pixels:
         raise BadInput(413, f"image is {width}x{height} = {width * height} pixels; "
                             f"the limit is {limits.max_pixels}")
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise BadInput(400, f"image is {width}x{height}; the aspect ratio limit is "
+                            f"{limits.max_aspect_ratio:g}:1")
+    if fmt == "JPEG":
+        return _decode_jpeg(data)
+    return _decode_with_pillow(data)
+
+
+def _decode_jpeg(data: bytes | bytearray) -> torch.Tensor:
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        image = decode_image(buffer, mode=ImageReadMode.UNCHANGED)
+        return decode_jpeg(buffer, mode=ImageReadMode.UNCHANGED)
     except RuntimeError as exc:  # truncated or corrupt pixel data
         raise BadInput(400, f"image could not be decoded: {str(exc).splitlines()[0]}") from exc
-    if image.ndim == 4:  # animated GIF: classify the first frame
-        image = image[0]
-    return image
+
+
+_PILLOW_LAYOUTS = {"L": "L", "LA": "LA", "RGB": "RGB", "RGBA": "RGBA", "1": "L", "P": "RGBA",
+                   "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+
+
+def _decode_with_pillow(data: bytes | bytearray) -> torch.Tensor:
+    """The first frame, as uint8 with 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) channels. 16-bit
+    and 32-bit gray keep their top 8 bits of a 16-bit range, as PNG stores them."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode in _PILLOW_LAYOUTS:
+                array = np.asarray(image.convert(_PILLOW_LAYOUTS[image.mode]))
+            else:  # I;16*, I, F: one high-bit-depth gray channel
+                array = (np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise BadInput(400, f"image could not be decoded ({type(exc).__name__}: {exc})") from exc
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 def preprocess_batch(images: list[torch.Tensor], manifest: ModelManifest) -> torch.Tensor:

@@ -32,3 +32,10 @@ def predict(cfg: server.ServerConfig, model: str, body: bytes,
             return exc.code, json.loads(text)
         except json.JSONDecodeError:
             return exc.code, {"raw": text.decode(errors="replace")}
+
+
+def worker_pids(cfg: server.ServerConfig, model: str) -> list[int]:
+    """The pids of the model's READY workers (a restarted worker has a new one)."""
+    described = server.management_json(cfg, f"/models/{model}/all")
+    return sorted(int(w["pid"]) for d in described for w in d.get("workers", [])
+                  if w.get("status") == "READY")

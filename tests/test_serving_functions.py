@@ -57,6 +57,22 @@ def test_decode_refuses_truncated_bombs_and_oversize():
     with pytest.raises(BadInput, match="limit is 1000") as err:
         decode(jpeg, Limits(max_bytes=1000))
     assert err.value.status == 413
+    strip = encode(Image.new("L", (4_000_000, 1)), "PNG")  # 4 KB; resized, a 12 GB tensor
+    with pytest.raises(BadInput, match="aspect ratio") as err:
+        decode(strip)
+    assert err.value.status == 400
+    assert decode(encode(Image.new("L", (320, 10)), "PNG")).shape == (1, 10, 320)
+
+
+def test_corrupt_png_deflate_stream_is_a_400_not_a_crash():
+    """torchvision's PNG decoder segfaults on this one (bit flip found by the fuzz tests)."""
+    png = bytearray(encode(Image.fromarray(skdata.coffee()).resize((96, 96)).convert("P"),
+                           "PNG"))
+    idat = png.index(b"IDAT") + 4
+    png[idat + 40] ^= 0x10  # inside the deflate stream; the chunk CRC no longer matches
+    with pytest.raises(BadInput) as err:
+        decode(bytes(png))
+    assert err.value.status == 400
 
 
 def test_postprocess_calibrates_with_the_manifest_temperature():
