@@ -78,9 +78,10 @@ def run_promote(args: argparse.Namespace) -> int:
     print(mar)
     cfg = ServerConfig(home=args.home, model_store=args.export_path,
                        management_port=args.management_port, token_auth=args.token_auth)
-    old = promote(cfg, args.name, version, mar.name)
+    removed = promote(cfg, args.name, version, mar.name)
     Registry(ModelStore(args.store), args.name).set_champion(version)
-    print(f"{args.name}: {version} is the default" + (f", {old} removed" if old else ""))
+    print(f"{args.name}: {version} is the default"
+          + (f", {', '.join(removed)} removed" if removed else ""))
     return 0
 
 

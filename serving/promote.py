@@ -1,7 +1,7 @@
 """Zero-downtime promotion of a new model version in a running TorchServe.
 
 register new version -> wait for a READY worker -> set it default -> drain the old
-version (no pending requests) -> unregister it. Deleting a version that still has
+version(s) (no pending requests) -> unregister them. Deleting a version that still has
 requests in flight leaves those requests without any answer, hence the drain.
 """
 
@@ -14,6 +14,7 @@ import urllib.parse
 import urllib.request
 
 from serving.server import ServerConfig, ServerError, management_json, workers_ready
+from visionloop.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +55,34 @@ def drain(cfg: ServerConfig, model: str, version: str, timeout: float = 30.0) ->
 
 
 def promote(cfg: ServerConfig, model: str, version: str, mar_file: str,
-            timeout: float = 120.0) -> str | None:
-    """Make `version` (packaged as mar_file in the server's model store) the default.
-    Returns the version it replaced (now unregistered), or None."""
-    old = default_version(cfg, model) if versions(cfg, model) else None
-    if old == version:
-        raise ServerError(f"{model} {version} is already the default version")
-    query = urllib.parse.urlencode({"url": mar_file, "initial_workers": 1, "synchronous": "true"})
-    management(cfg, "POST", f"/models?{query}", timeout)
+            timeout: float = 120.0) -> list[str]:
+    """Make `version` (packaged as mar_file in the server's model store) the default and the
+    only registered version. Returns the versions it unregistered, each drained first.
+
+    Safe to run again after being killed at any step: a version already registered is not
+    registered twice, and versions a killed promotion left behind are drained and removed.
+    """
+    registered = [d["modelVersion"] for d in versions(cfg, model)]
+    if version not in registered:
+        query = urllib.parse.urlencode({"url": mar_file, "initial_workers": 1,
+                                        "synchronous": "true"})
+        management(cfg, "POST", f"/models?{query}", timeout)
     deadline = time.monotonic() + timeout
     while not workers_ready(cfg, model, version):
         if time.monotonic() > deadline:
             management(cfg, "DELETE", f"/models/{model}/{version}")
             raise ServerError(f"{model} {version} registered but no worker got READY; removed")
         time.sleep(0.5)
-    management(cfg, "PUT", f"/models/{model}/{version}/set-default")
-    log.info("%s: default is now %s", model, version)
-    if old is not None:
+    failpoint("promote.registered")
+    if registered and default_version(cfg, model) != version:
+        management(cfg, "PUT", f"/models/{model}/{version}/set-default")
+        log.info("%s: default is now %s", model, version)
+    failpoint("promote.default_set")
+    removed = [v for v in registered if v != version]
+    for old in removed:
         drain(cfg, model, old)
         management(cfg, "DELETE", f"/models/{model}/{old}")
         log.info("%s: unregistered %s after draining it", model, old)
     if not workers_ready(cfg, model):
         raise ServerError(f"{model} has no READY worker after promoting {version}")
-    return old
+    return removed

@@ -149,3 +149,57 @@ def test_retrain_killed_mid_training_leaves_the_champion_serving(
     assert decision is not None and decision.promoted
     assert not list((store / "fm").glob(".staging-*"))
     assert predict(torchserve, "fm", image)[1]["version"] == decision.challenger
+
+
+def served_versions(cfg: server.ServerConfig) -> list[str]:
+    from serving.promote import versions
+
+    return sorted(d["modelVersion"] for d in versions(cfg, "fm"))
+
+
+@pytest.mark.parametrize("point, challenger_briefly_served", [
+    ("trainer.export", False),        # TorchScript written, ONNX not yet
+    ("promote.registered", False),    # challenger registered beside the champion
+    ("promote.default_set", True),    # challenger is the default, champion still registered
+    ("retrain.served", True),         # promotion done, CHAMPION record not yet written
+])
+def test_retrain_killed_during_export_or_promotion_recovers_on_the_next_run(
+        serving_champion, small_scenario, tmp_path, point, challenger_briefly_served):
+    store, torchserve = serving_champion
+    registry = Registry(ModelStore(store), "fm")
+    champion = registry.champion()
+    log = store / "fm" / "registry.jsonl"
+    decisions_before = len(log.read_text().splitlines()) if log.exists() else 0
+    labels = tmp_path / "labels"
+    write_labels(labels, small_scenario)
+    for path in list((labels / "images").rglob("*.png")):
+        path.rename(path.with_name(f"{point}-{path.name}"))  # new labels for this run
+    command = [sys.executable, "-m", "visionloop.cli", "retrain", "--name", "fm",
+               "--store", str(store), "--data", str(small_scenario), "--labels-dir", str(labels),
+               "--no-pull", "--min-new-labels", "10", "--epochs", "1", "--base-per-class", "20",
+               "--max-macro-f1-drop", "1", "--max-minority-recall-drop", "1",
+               "--work-dir", str(tmp_path / "work"), "--torchserve-home", str(torchserve.home),
+               "--management-port", str(torchserve.management_port)]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "VISIONLOOP_FAILPOINTS": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+
+    image = next((small_scenario / "test").rglob("*.png")).read_bytes()
+    status, reply = predict(torchserve, "fm", image)
+    assert status == 200  # something always answers
+    assert (reply["version"] != champion) == challenger_briefly_served
+    assert registry.champion() == champion
+
+    started = time.monotonic()
+    retrain_once(config(store, small_scenario, labels, epochs=1, max_macro_f1_drop=1.0,
+                        max_minority_recall_drop=1.0), torchserve=torchserve)
+    recovered = registry.champion()
+    assert served_versions(torchserve) == [recovered]
+    assert predict(torchserve, "fm", image)[1]["version"] == recovered
+    assert not list((store / "fm").glob(".staging-*"))
+    decisions = len(log.read_text().splitlines()) if log.exists() else 0
+    if point == "trainer.export":  # the labels were not used: the next run trains and promotes
+        assert recovered != champion and decisions == decisions_before + 1
+    else:  # they were: the next run restores the champion and waits for new labels
+        assert recovered == champion and decisions == decisions_before
+    print(f"{point}: recovered in {time.monotonic() - started:.1f}s, serving {recovered}")

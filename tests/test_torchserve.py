@@ -179,7 +179,7 @@ def test_promotion_under_load_drops_no_request(trained_version, small_scenario, 
         for c in clients:
             c.start()
         time.sleep(2)
-        assert promote(cfg, "fm", "v2", v2_mar) == "v1"
+        assert promote(cfg, "fm", "v2", v2_mar) == ["v1"]
         time.sleep(2)
     finally:
         stop_load.set()

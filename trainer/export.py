@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from visionloop.failpoints import failpoint
+
 log = logging.getLogger(__name__)
 
 # Max abs difference allowed on calibrated probabilities. Well-trained models export within
@@ -92,6 +94,7 @@ def export_all(model: nn.Module, batch: torch.Tensor, out_dir: Path, temperature
     ts_logits = export_torchscript(model, batch, out_dir / "model.torchscript.pt")
     results["torchscript"] = ("model.torchscript.pt",
                               check_parity("TorchScript", reference, ts_logits, temperature))
+    failpoint("trainer.export")  # half exported: TorchScript written, ONNX not yet
     onnx_logits = export_onnx(model, batch, out_dir / "model.onnx")
     results["onnx"] = ("model.onnx", check_parity("ONNX", reference, onnx_logits, temperature))
     if fp16:

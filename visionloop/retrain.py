@@ -27,6 +27,7 @@ import torch
 
 from labeling.server import LabelStudioConfig
 from serving.server import ServerConfig
+from visionloop.failpoints import failpoint
 from visionloop.fsutil import atomic_write_json
 from visionloop.lock import FileLock
 from visionloop.registry import Decision, Registry
@@ -160,8 +161,28 @@ def promote_version(cfg: RetrainConfig, version: str, torchserve: ServerConfig |
         always_classes=tuple(manifest.metrics.get("minority", []))))
     mar = package(store.version_dir(cfg.name, version), torchserve.model_store, cfg.backend,
                   serving=serving)
-    old = promote(torchserve, cfg.name, version, mar.name)
-    return f"TorchServe now serves {version}" + (f" ({old} unregistered)" if old else "")
+    removed = promote(torchserve, cfg.name, version, mar.name)
+    return (f"TorchServe now serves {version}"
+            + (f" ({', '.join(removed)} unregistered)" if removed else ""))
+
+
+def restore_champion_serving(cfg: RetrainConfig, torchserve: ServerConfig | None,
+                             champion: str) -> bool:
+    """A run killed during a promotion can leave TorchServe serving the challenger, or two
+    versions: make the CHAMPION record's version the only one served again. True if it
+    had to. The record is written last, so it names the last promotion that completed."""
+    from serving import server
+    from serving.promote import versions
+
+    if torchserve is None or not server.management_reachable(torchserve):
+        return False
+    registered = [d["modelVersion"] for d in versions(torchserve, cfg.name)]
+    if not registered or registered == [champion]:
+        return False
+    log.warning("TorchServe serves %s of %s but the champion is %s (a promotion was "
+                "interrupted): restoring it", registered, cfg.name, champion)
+    promote_version(cfg, champion, torchserve)
+    return True
 
 
 def _now() -> str:
@@ -175,6 +196,8 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
     with FileLock(store.model_dir(cfg.name) / ".retrain.lock"):
         if store.discard_all_staging(cfg.name):
             log.info("removed staging directories left by an interrupted run")
+        registry = Registry(store, cfg.name)
+        restore_champion_serving(cfg, torchserve, registry.champion())
         if cfg.pull and labelstudio is not None:
             pull_labels(cfg, labelstudio)
         current = label_files(cfg.labels_dir)
@@ -182,7 +205,6 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
         if len(new) < cfg.min_new_labels:
             log.info("%d new labels (< %d): nothing to do", len(new), cfg.min_new_labels)
             return None
-        registry = Registry(store, cfg.name)
         champion = registry.champion()
         # pin it before a challenger is published: "newest version" would point at that
         registry.set_champion(champion)
@@ -198,6 +220,7 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
         promoted, reason = gate(champion_eval, challenger_eval, cfg)
         if promoted:
             reason += "; " + promote_version(cfg, challenger_dir.name, torchserve)
+            failpoint("retrain.served")
             registry.set_champion(challenger_dir.name)
         decision = Decision(time=_now(), champion=champion, challenger=challenger_dir.name,
                             new_labels=len(new), promoted=promoted, reason=reason,
