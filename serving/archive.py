@@ -33,6 +33,7 @@ def package(version_dir: Path, export_dir: Path, backend: str = "torchscript",
         raise ValueError("batch_size and workers must be >= 1 and max_batch_delay_ms >= 0")
     manifest = ModelManifest.load(version_dir)
     artifact = manifest.artifact_path(version_dir, BACKENDS[backend])
+    manifest.verify(version_dir, [BACKENDS[backend]])  # never serve a damaged file
     export_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         extra = Path(tmp)

@@ -17,11 +17,17 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Write path (tensors) then path.json (metadata); the JSON marks the pair complete."""
+    """Write path (tensors) then path.json (metadata), each atomically. Both carry the epoch:
+    a run stopped between the two writes (killed, disk full) leaves a pair that disagrees,
+    which load_checkpoint refuses instead of resuming from mismatched halves."""
     buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-    atomic_write_json(path.with_suffix(".json"), meta)
+    torch.save({**state, "epoch": meta["epoch"]}, buffer)
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_json(path.with_suffix(".json"), meta)
+    except OSError as exc:
+        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}") \
+            from exc
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -31,6 +37,11 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise CheckpointError(f"no complete checkpoint at {path}: {exc}") from exc
-    except (json.JSONDecodeError, RuntimeError, EOFError) as exc:
+    except (json.JSONDecodeError, RuntimeError, EOFError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt: {exc}") from exc
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    if epoch is None or epoch != meta.get("epoch"):
+        raise CheckpointError(f"checkpoint {path} (epoch {epoch}) and its "
+                              f"metadata (epoch {meta.get('epoch')}) do not belong together: "
+                              "a run stopped between writing them; remove both to start over")
     return state, meta

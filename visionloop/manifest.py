@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visionloop.fsutil import atomic_write_json
+from visionloop.fsutil import atomic_write_json, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -118,9 +118,19 @@ class ModelManifest:
             data = json.loads(path.read_text())
         except FileNotFoundError as exc:
             raise ManifestError(f"no manifest at {path}") from exc
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ManifestError(f"manifest {path} is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
+
+    def verify(self, version_dir: str | Path, keys: list[str] | None = None) -> None:
+        """Each artifact (or those named) is there with the bytes the manifest recorded."""
+        for key in keys if keys is not None else sorted(self.artifacts):
+            path = self.artifact_path(version_dir, key)
+            if not path.is_file():
+                raise ManifestError(f"{path} is missing; the manifest lists it as {key!r}")
+            if sha256_file(path) != self.artifacts[key].sha256:
+                raise ManifestError(f"{path} does not match the sha256 in its manifest: "
+                                    "the file is damaged or was replaced")
 
     def artifact_path(self, version_dir: str | Path, key: str) -> Path:
         if key not in self.artifacts:

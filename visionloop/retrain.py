@@ -209,6 +209,7 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
         # pin it before a challenger is published: "newest version" would point at that
         registry.set_champion(champion)
         manifest = store.load_manifest(cfg.name, champion)
+        manifest.verify(store.version_dir(cfg.name, champion))  # before an hour of training
         minority = list(manifest.metrics.get("minority", []))
         log.info("%d new labels: fine-tuning a challenger from %s", len(new), champion)
         challenger_dir = train_challenger(cfg, champion, minority)
