@@ -1,13 +1,17 @@
 """Labeling against a real Label Studio: push, ranking, dedupe, idempotent re-push,
 annotation as an annotator would, pull with edits and deletions, webhooks, the ML backend
-called by Label Studio itself, and Label Studio stopped in the middle of a push."""
+called by Label Studio itself, and Label Studio killed (kill -9) in the middle of a push and
+of a pull."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -288,35 +292,94 @@ def test_label_studio_calls_the_ml_backend_for_predictions(labelstudio, trained_
         backend.server_close()
 
 
-def test_label_studio_stopped_mid_push_loses_nothing_and_the_next_push_catches_up(
+def kill_label_studio(cfg: server.LabelStudioConfig) -> None:
+    """kill -9 of the whole server (a crash, not a shutdown); its pid file stays behind."""
+    pid = server.read_pid(cfg)
+    os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while server.read_pid(cfg) is not None:  # reap it: the session fixture is its parent
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        assert time.monotonic() < deadline, "Label Studio survived kill -9"
+        time.sleep(0.1)
+
+
+class KillOnFirstList:
+    """The real client, except that Label Studio is killed as the pull starts reading."""
+
+    def __init__(self, client, cfg: server.LabelStudioConfig) -> None:
+        self._client, self._cfg = client, cfg
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    @property
+    def tasks(self):
+        outer = self
+
+        class Tasks:
+            def __getattr__(self, name: str):
+                return getattr(outer._client.tasks, name)
+
+            def list(self, *args, **kwargs):
+                kill_label_studio(outer._cfg)
+                return outer._client.tasks.list(*args, **kwargs)
+
+        return Tasks()
+
+
+def test_label_studio_killed_mid_push_and_mid_pull_loses_nothing(
         labelstudio, trained_version, pool_predictions, tmp_path):
     root = capture_store(labelstudio, "down", pool_predictions[:30])
     client, manifest, project = project_for(labelstudio, trained_version, "outage test")
     labels = tmp_path / "labels"
 
-    def stop_after_first_chunk(pushed: int) -> None:
-        server.stop(labelstudio)
+    def kill_after_first_chunk(pushed: int) -> None:
+        kill_label_studio(labelstudio)
 
     options = PushOptions(budget=15, chunk_size=5)
     with pytest.raises(LabelStudioUnavailable):
         push(root, client, project, manifest.name, MINORITY, options,
-             on_chunk=stop_after_first_chunk, files_root=labelstudio.files_root)
+             on_chunk=kill_after_first_chunk, files_root=labelstudio.files_root)
     assert sum(t is not None for t in links(root).values()) == 5  # only what arrived
     with pytest.raises(LabelStudioUnavailable):
         pull(labels, root, client, project)
     assert not (labels / "images").exists() or not any((labels / "images").rglob("*.png"))
 
-    server.start(labelstudio)
+    started = time.monotonic()
+    server.start(labelstudio)  # over the stale pid file, on the database it crashed with
+    restart_s = time.monotonic() - started
     client = connect(labelstudio)
     result = push(root, client, project, manifest.name, MINORITY, options,
                   files_root=labelstudio.files_root)
     assert result.pushed == 15
-    shas = [t.data["capture_sha"] for t in tasks_of(client, project)]
+    tasks = tasks_of(client, project)
+    shas = [t.data["capture_sha"] for t in tasks]
     assert len(shas) == 20 and len(set(shas)) == 20
     linked = links(root)
-    assert sorted(t for t in linked.values() if t is not None) == \
-        sorted(t.id for t in tasks_of(client, project))
+    assert sorted(t for t in linked.values() if t is not None) == sorted(t.id for t in tasks)
     assert json.loads(json.dumps(result.pushed_classes))  # serialisable for the CLI
+
+    # annotated and pulled once; then a second round dies as pull starts reading
+    truth = {hashlib.sha256(d).hexdigest(): label for d, _, label in pool_predictions}
+    for task in tasks[:6]:
+        client.annotations.create(id=task.id, result=choice(truth[task.data["capture_sha"]]))
+    assert pull(labels, root, client, project).added == 6
+    for task in tasks[6:10]:
+        client.annotations.create(id=task.id, result=choice(truth[task.data["capture_sha"]]))
+    db_before = (labels / "labels.sqlite3").read_bytes()
+    with pytest.raises(LabelStudioUnavailable):
+        pull(labels, root, KillOnFirstList(client, labelstudio), project)
+    assert (labels / "labels.sqlite3").read_bytes() == db_before
+    assert len(list((labels / "images").rglob("*.png"))) == 6
+
+    server.start(labelstudio)
+    client = connect(labelstudio)
+    caught_up = pull(labels, root, client, project)
+    assert (caught_up.added, caught_up.changed, caught_up.removed) == (4, 0, 0)
+    tree = {p.name.split(".")[0]: p.parent.name for p in (labels / "images").rglob("*.png")}
+    assert tree == {t.data["capture_sha"]: truth[t.data["capture_sha"]] for t in tasks[:10]}
+    print(f"Label Studio back {restart_s:.1f}s after a restart from kill -9")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
