@@ -13,6 +13,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from serving.archive_check import check_archive
 from serving.server import ServerConfig, ServerError, management_json, workers_ready
 from visionloop.failpoints import failpoint
 
@@ -64,6 +65,7 @@ def promote(cfg: ServerConfig, model: str, version: str, mar_file: str,
     """
     registered = [d["modelVersion"] for d in versions(cfg, model)]
     if version not in registered:
+        check_archive(cfg.model_store / mar_file)
         query = urllib.parse.urlencode({"url": mar_file, "initial_workers": 1,
                                         "synchronous": "true"})
         management(cfg, "POST", f"/models?{query}", timeout)

@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.archive_check import check_archive
+
 log = logging.getLogger(__name__)
 
 
@@ -158,6 +160,8 @@ def _command(cfg: ServerConfig, models: dict[str, str], *flags: str) -> list[str
     config = write_config(cfg)
     cmd = [str(Path(sys.executable).with_name("torchserve")), "--start", "--ncs", *flags,
            "--ts-config", str(config.resolve()), "--model-store", str(cfg.model_store.resolve())]
+    for mar in models.values():
+        check_archive(cfg.model_store / mar)
     if models:
         cmd += ["--models", *(f"{name}={mar}" for name, mar in models.items())]
     return cmd

@@ -30,6 +30,9 @@ def test_manifest_round_trip(tmp_path):
     ({"classes": ()}, "at least one class"),
     ({"classes": ("a", "a")}, "duplicate class"),
     ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"classes": ("cat", "../../etc")}, "plain folder names"),
+    ({"classes": ("cat", "..")}, "plain folder names"),
+    ({"artifacts": {"x": Artifact("../../w.pt", "torchscript", "00")}}, "must be a file name"),
     ({"artifacts": {"x": Artifact("m.bin", "pickle", "00")}}, "format 'pickle'"),
 ])
 def test_manifest_rejects_bad_values(changes, message):

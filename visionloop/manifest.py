@@ -22,6 +22,11 @@ class ManifestError(ValueError):
     """A manifest that is missing, unreadable or inconsistent."""
 
 
+def _is_plain_file_name(name: str) -> bool:
+    """One path component that stays where it is joined: no separators, not . or .."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     image_size: int  # side of the square tensor the network sees
@@ -73,9 +78,15 @@ class ModelManifest:
             raise ManifestError("a manifest needs at least one class")
         if len(set(self.classes)) != len(self.classes):
             raise ManifestError(f"duplicate class names in {list(self.classes)}")
+        unsafe = [c for c in self.classes if not _is_plain_file_name(c)]
+        if unsafe:  # class names become folder names (ImageFolder, pulled labels)
+            raise ManifestError(f"class names must be plain folder names, got {unsafe}")
         if not self.temperature > 0:
             raise ManifestError(f"temperature must be > 0, got {self.temperature}")
         for key, artifact in self.artifacts.items():
+            if not _is_plain_file_name(artifact.path):
+                raise ManifestError(f"artifact {key!r} path {artifact.path!r} must be a file "
+                                    "name inside the version directory")
             if artifact.format not in ARTIFACT_FORMATS:
                 raise ManifestError(
                     f"artifact {key!r} has format {artifact.format!r}; "
