@@ -18,7 +18,7 @@ DOCKER_COMPOSE := /usr/bin/docker-compose
 DATA := data/fashion-mnist-lt
 MINORITY := coat,sandal,bag
 
-.PHONY: setup demo test test-fast lint bench-train bench-imbalance bench-serving bench-labeling clean-venv
+.PHONY: setup demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling clean-venv
 
 setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST) \
 	$(DOCKER_COMPOSE)
@@ -61,6 +61,12 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The long versions of the fault tests `make test` runs short: a 5-minute load soak with a
+# worker killed, 3000 random (not fixed-seed) fuzz inputs per path. Prints the counts.
+soak: setup
+	VISIONLOOP_SOAK_SECONDS=300 VISIONLOOP_FUZZ_EXAMPLES=3000 \
+		$(PY) -m pytest -q -s -p no:cacheprovider tests/test_soak.py tests/test_fuzz.py
 
 lint: setup
 	$(VENV)/bin/ruff check visionloop trainer serving labeling bench tests

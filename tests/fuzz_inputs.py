@@ -8,6 +8,7 @@ interesting paths are behind a valid signature.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -96,6 +97,14 @@ def generated(draw: st.DrawFn) -> bytes:
         return _encode(image.convert("RGB"), fmt)
 
 
+class Body(bytes):
+    """Request bytes whose repr stays one line: a failing example can be megabytes."""
+
+    def __repr__(self) -> str:
+        return (f"Body({len(self)} bytes, sha256 {hashlib.sha256(self).hexdigest()[:16]}, "
+                f"starts {bytes(self[:24])!r})")
+
+
 def request_bodies(seeds: dict[str, bytes]) -> st.SearchStrategy[bytes]:
     return st.one_of(mutated(seeds), generated(), st.sampled_from(sorted(seeds.values())),
-                     st.binary(max_size=2048))
+                     st.binary(max_size=2048)).map(Body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
 
@@ -39,3 +40,15 @@ def worker_pids(cfg: server.ServerConfig, model: str) -> list[int]:
     described = server.management_json(cfg, f"/models/{model}/all")
     return sorted(int(w["pid"]) for d in described for w in d.get("workers", [])
                   if w.get("status") == "READY")
+
+
+def oversize_status(cfg: server.ServerConfig, model: str, size: int) -> int:
+    """A body over max_request_size, sent as curl does (Expect: 100-continue): TorchServe
+    refuses it with 413 before the upload. (A client that streams the whole body without
+    waiting sees the 413 followed by a connection reset.)"""
+    with socket.create_connection(("127.0.0.1", cfg.inference_port), timeout=30) as conn:
+        conn.sendall(f"POST /predictions/{model} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Content-Type: application/octet-stream\r\nContent-Length: {size}\r\n"
+                     "Expect: 100-continue\r\n\r\n".encode())
+        status_line = conn.recv(4096).split(b"\r\n", 1)[0].decode()
+    return int(status_line.split()[1])

