@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from serving.server import ServerConfig
@@ -71,6 +72,7 @@ def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
 def run_promote(args: argparse.Namespace) -> int:
     """Package VERSION into the running server's model store and make it the default."""
     from serving.promote import promote
+    from visionloop.lock import LockBusy
     from visionloop.registry import Registry
     from visionloop.store import ModelStore
 
@@ -78,8 +80,15 @@ def run_promote(args: argparse.Namespace) -> int:
     print(mar)
     cfg = ServerConfig(home=args.home, model_store=args.export_path,
                        management_port=args.management_port, token_auth=args.token_auth)
-    removed = promote(cfg, args.name, version, mar.name)
-    Registry(ModelStore(args.store), args.name).set_champion(version)
+    registry = Registry(ModelStore(args.store), args.name)
+    try:
+        with registry.writer_lock():
+            removed = promote(cfg, args.name, version, mar.name)
+            registry.set_champion(version)
+    except LockBusy as exc:
+        print(f"visionloop promote: a retrain is running, nothing changed ({exc})",
+              file=sys.stderr)
+        return 4
     print(f"{args.name}: {version} is the default"
           + (f", {', '.join(removed)} removed" if removed else ""))
     return 0

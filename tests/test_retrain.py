@@ -203,3 +203,15 @@ def test_retrain_killed_during_export_or_promotion_recovers_on_the_next_run(
     else:  # they were: the next run restores the champion and waits for new labels
         assert recovered == champion and decisions == decisions_before
     print(f"{point}: recovered in {time.monotonic() - started:.1f}s, serving {recovered}")
+
+
+def test_a_manual_promote_is_refused_while_a_retrain_holds_the_lock(trained_version, tmp_path):
+    store = make_store(trained_version, tmp_path)
+    command = [sys.executable, "-m", "visionloop.cli", "promote", "v1", "--name", "fm",
+               "--store", str(store), "--export-path", str(tmp_path / "mars"),
+               "--home", str(tmp_path / "ts"),
+               "--management-port", str(free_ports()["management_port"])]
+    with Registry(ModelStore(store), "fm").writer_lock():
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 4 and "a retrain is running" in refused.stderr, refused.stderr
+    assert not (store / "fm" / "CHAMPION").exists()

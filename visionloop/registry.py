@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from visionloop.fsutil import atomic_write_text
+from visionloop.lock import FileLock
 from visionloop.store import ModelStore
 
 _HEADER = ("| time (UTC) | champion | challenger | new labels | macro-F1 champion -> challenger "
@@ -41,6 +42,11 @@ class Registry:
     def __init__(self, store: ModelStore, name: str) -> None:
         self.store, self.name = store, name
         self.dir = store.model_dir(name)
+
+    def writer_lock(self) -> FileLock:
+        """Held by whoever may change the champion: a retrain run or `visionloop promote`
+        (a manual promotion in the middle of a retrain would be undone by it)."""
+        return FileLock(self.dir / ".retrain.lock")
 
     def champion(self) -> str:
         """The recorded champion; before anything was recorded, the newest version."""

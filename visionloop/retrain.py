@@ -29,7 +29,6 @@ from labeling.server import LabelStudioConfig
 from serving.server import ServerConfig
 from visionloop.failpoints import failpoint
 from visionloop.fsutil import atomic_write_json
-from visionloop.lock import FileLock
 from visionloop.registry import Decision, Registry
 from visionloop.store import ModelStore
 
@@ -193,10 +192,10 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
                  torchserve: ServerConfig | None = None) -> Decision | None:
     """One run of the job; None when there were too few new labels to bother."""
     store = ModelStore(cfg.store)
-    with FileLock(store.model_dir(cfg.name) / ".retrain.lock"):
+    registry = Registry(store, cfg.name)
+    with registry.writer_lock():
         if store.discard_all_staging(cfg.name):
             log.info("removed staging directories left by an interrupted run")
-        registry = Registry(store, cfg.name)
         restore_champion_serving(cfg, torchserve, registry.champion())
         if cfg.pull and labelstudio is not None:
             pull_labels(cfg, labelstudio)
