@@ -9,6 +9,7 @@ The load generator runs on the same machine as the server: on a 2-core box it ta
 CPU from the server, which the ratios include.
 
     python -m bench.serving [--version-dir model_store/fashion/v1 --seconds 8]
+    python -m bench.serving --spinning-ab   # ORT spin-waiting on vs off, in-process
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from serving import server
 from serving.archive import package
-from serving.backends import load_backend
+from serving.backends import OnnxBackend, load_backend
 from serving.capture import CapturePolicy
 from serving.handler import ServingConfig
 from serving.inference import decode, postprocess, preprocess_batch
@@ -52,9 +53,9 @@ def real_pngs(count: int) -> list[bytes]:
 
 
 def in_process(version_dir: Path, artifact: str, bodies: list[bytes], batch: int,
-               seconds: float) -> float:
+               seconds: float, backend=None) -> float:
     manifest = ModelManifest.load(version_dir)
-    backend = load_backend(version_dir / artifact, gpu_id=None)
+    backend = backend or load_backend(version_dir / artifact, gpu_id=None)
     done, start, i = 0, time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
         chunk = [bodies[(i + k) % len(bodies)] for k in range(batch)]
@@ -62,6 +63,18 @@ def in_process(version_dir: Path, artifact: str, bodies: list[bytes], batch: int
         postprocess(backend(preprocess_batch(images, manifest)), manifest)
         done, i = done + batch, i + batch
     return done / (time.perf_counter() - start)
+
+
+def spinning_ab(version_dir: Path, bodies: list[bytes], seconds: float) -> None:
+    """In-process ONNX batch 8 with ORT's spin-waiting on and off, alternating."""
+    runs: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(2):
+        for spinning in runs:
+            backend = OnnxBackend(version_dir / "model.onnx", None, allow_spinning=spinning)
+            runs[spinning].append(in_process(version_dir, "", bodies, 8, seconds, backend))
+    on, off = statistics.median(runs[True]), statistics.median(runs[False])
+    print(f"in-process ONNX batch 8, ORT spin-waiting on {[round(r) for r in runs[True]]} vs "
+          f"off {[round(r) for r in runs[False]]} img/s: off/on = {off / on:.2f}x")
 
 
 def load(cfg: server.ServerConfig, model: str, bodies: list[bytes], concurrency: int,
@@ -108,10 +121,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--capture-only", action="store_true",
                         help="measure only the capture overhead")
+    parser.add_argument("--spinning-ab", action="store_true",
+                        help="only in-process ONNX with ORT spin-waiting on vs off")
     args = parser.parse_args()
     version_dir = args.version_dir or ModelStore("model_store").version_dir(
         "fashion", ModelStore("model_store").latest_version("fashion") or "v1")
     bodies = real_pngs(args.images)
+    if args.spinning_ab:
+        spinning_ab(version_dir, bodies, args.seconds)
+        return
     artifacts = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         home = Path(tmp)

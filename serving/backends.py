@@ -27,13 +27,19 @@ class TorchScriptBackend:
 
 
 class OnnxBackend:
-    def __init__(self, path: Path, gpu_id: int | None) -> None:
+    def __init__(self, path: Path, gpu_id: int | None, allow_spinning: bool = False) -> None:
         import onnxruntime as ort
 
         providers: list = ["CPUExecutionProvider"]
         if gpu_id is not None and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu_id}))
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        options = ort.SessionOptions()
+        # ORT's CPU threads spin after each run by default, waiting for more work; next to
+        # TorchServe's frontend and other workers on a few cores, that spinning takes the CPU
+        # the next request needs (`python -m bench.serving --spinning-ab`: README, Measured).
+        options.add_session_config_entry("session.intra_op.allow_spinning",
+                                         "1" if allow_spinning else "0")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.dtype = np.float16 if "float16" in self.session.get_inputs()[0].type else np.float32
         # What actually runs: ORT silently falls back to CPU when CUDA cannot be used.

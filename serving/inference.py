@@ -93,7 +93,7 @@ def _decode_with_pillow(data: bytes | bytearray) -> torch.Tensor:
         raise BadInput(400, f"image could not be decoded ({type(exc).__name__}: {exc})") from exc
     if array.ndim == 2:
         array = array[:, :, None]
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    return torch.from_numpy(np.array(array.transpose(2, 0, 1), order="C"))  # a writable copy
 
 
 def preprocess_batch(images: list[torch.Tensor], manifest: ModelManifest) -> torch.Tensor:
