@@ -27,9 +27,10 @@ def management(cfg: ServerConfig, method: str, path: str, timeout: float = 120.0
         raise ServerError(f"{method} {path} -> {exc.code}: {exc.read().decode()[:500]}") from exc
 
 
-def versions(cfg: ServerConfig, model: str) -> list[dict]:
+def registered_versions(cfg: ServerConfig, model: str) -> list[str]:
+    """The versions of the model TorchServe has registered (none: not registered)."""
     try:
-        return list(management_json(cfg, f"/models/{model}/all"))
+        return [d["modelVersion"] for d in management_json(cfg, f"/models/{model}/all")]
     except urllib.error.HTTPError:
         return []
 
@@ -63,7 +64,7 @@ def promote(cfg: ServerConfig, model: str, version: str, mar_file: str,
     Safe to run again after being killed at any step: a version already registered is not
     registered twice, and versions a killed promotion left behind are drained and removed.
     """
-    registered = [d["modelVersion"] for d in versions(cfg, model)]
+    registered = registered_versions(cfg, model)
     if version not in registered:
         check_archive(cfg.model_store / mar_file)
         query = urllib.parse.urlencode({"url": mar_file, "initial_workers": 1,

@@ -17,6 +17,7 @@ import pytest
 
 from serving import server
 from serving.archive import package
+from serving.promote import registered_versions
 from tests.servers import free_ports, predict
 from trainer.fashion_mnist import read_pool
 from visionloop.lock import FileLock
@@ -151,12 +152,6 @@ def test_retrain_killed_mid_training_leaves_the_champion_serving(
     assert predict(torchserve, "fm", image)[1]["version"] == decision.challenger
 
 
-def served_versions(cfg: server.ServerConfig) -> list[str]:
-    from serving.promote import versions
-
-    return sorted(d["modelVersion"] for d in versions(cfg, "fm"))
-
-
 @pytest.mark.parametrize("point, challenger_briefly_served", [
     ("trainer.export", False),        # TorchScript written, ONNX not yet
     ("promote.registered", False),    # challenger registered beside the champion
@@ -194,7 +189,7 @@ def test_retrain_killed_during_export_or_promotion_recovers_on_the_next_run(
     retrain_once(config(store, small_scenario, labels, epochs=1, max_macro_f1_drop=1.0,
                         max_minority_recall_drop=1.0), torchserve=torchserve)
     recovered = registry.champion()
-    assert served_versions(torchserve) == [recovered]
+    assert registered_versions(torchserve, "fm") == [recovered]
     assert predict(torchserve, "fm", image)[1]["version"] == recovered
     assert not list((store / "fm").glob(".staging-*"))
     decisions = len(log.read_text().splitlines()) if log.exists() else 0

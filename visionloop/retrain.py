@@ -171,11 +171,11 @@ def restore_champion_serving(cfg: RetrainConfig, torchserve: ServerConfig | None
     versions: make the CHAMPION record's version the only one served again. True if it
     had to. The record is written last, so it names the last promotion that completed."""
     from serving import server
-    from serving.promote import versions
+    from serving.promote import registered_versions
 
     if torchserve is None or not server.management_reachable(torchserve):
         return False
-    registered = [d["modelVersion"] for d in versions(torchserve, cfg.name)]
+    registered = registered_versions(torchserve, cfg.name)
     if not registered or registered == [champion]:
         return False
     log.warning("TorchServe serves %s of %s but the champion is %s (a promotion was "
