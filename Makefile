@@ -18,10 +18,10 @@ DOCKER_COMPOSE := /usr/bin/docker-compose
 DATA := data/fashion-mnist-lt
 MINORITY := coat,sandal,bag
 
-.PHONY: setup demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling clean-venv
+.PHONY: setup java demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling clean-venv
 
 setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST) \
-	$(DOCKER_COMPOSE)
+	$(DOCKER_COMPOSE) java
 
 # torch first, from the pinned releases, so no resolver pulls another torch build.
 $(VENV)/.installed-$(ORT): pyproject.toml
@@ -43,6 +43,11 @@ $(LS_VENV)/.installed-$(LS_VERSION):
 $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+# TorchServe's frontend needs Java 11+: Debian's JRE where the machine has none.
+java:
+	@command -v java >/dev/null || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq --no-install-recommends openjdk-17-jre-headless; }
 
 $(DOCKER_COMPOSE):
 	$(SUDO) apt-get update -qq
@@ -69,7 +74,8 @@ soak: setup
 		$(PY) -m pytest -q -s -p no:cacheprovider tests/test_soak.py tests/test_fuzz.py
 
 lint: setup
-	$(VENV)/bin/ruff check visionloop trainer serving labeling bench tests
+	$(VENV)/bin/ruff check core visionloop trainer serving labeling bench tests
+	$(VENV)/bin/lint-imports
 
 bench-train: setup
 	$(PY) -m bench.train_throughput

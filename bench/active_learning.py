@@ -35,14 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.fsutil import atomic_write_json, atomic_write_text
+from core.manifest import ModelManifest
 from labeling.strategies import rank
 from serving.capture import CapturePolicy
 from serving.offline import InProcessModel
 from trainer import fashion_mnist
 from trainer.config import TrainConfig
 from trainer.train import run_training
-from visionloop.fsutil import atomic_write_json, atomic_write_text
-from visionloop.manifest import ModelManifest
 
 log = logging.getLogger("bench.active_learning")
 CAPTURE_BELOW = 0.7
@@ -87,7 +87,7 @@ def select(strategy: str, model: InProcessModel, files: list[Path], unlabeled: l
     replies = model.predict([files[i].read_bytes() for i in unlabeled], batch_size=512)
     policy = CapturePolicy(max_confidence=CAPTURE_BELOW, always_classes=tuple(minority))
     captured = [(i, r) for i, r in zip(unlabeled, replies, strict=True) if policy.wants(r)]
-    probs = np.array([r["probabilities"] for _, r in captured])
+    probs = np.array([r.probabilities for _, r in captured])
     classes = model.manifest.classes
     order = rank(probs, strategy.removesuffix("+ce"), budget=budget,
                  minority=[classes.index(c) for c in minority])

@@ -18,12 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from core.fsutil import atomic_write_json, atomic_write_text
+from core.manifest import ModelManifest
 from trainer import fashion_mnist
 from trainer.config import TrainConfig
 from trainer.imbalance import METHODS
 from trainer.train import run_training
-from visionloop.fsutil import atomic_write_json, atomic_write_text
-from visionloop.manifest import ModelManifest
 
 log = logging.getLogger("bench.imbalance")
 DEFAULT_METHOD = TrainConfig.__dataclass_fields__["imbalance"].default

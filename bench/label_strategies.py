@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from core.capture_store import CaptureStore
+from core.model_store import ModelStore
 from labeling.project import Project
-from labeling.push import PushOptions, choose, minority_for_push, unlinked_candidates
+from labeling.push import PushOptions, choose, unlinked_candidates
 from labeling.strategies import rank
-from serving.capture import CapturePolicy, CaptureStore, connect
+from serving.capture import CapturePolicy, Capturer
 from serving.offline import InProcessModel
 from trainer.fashion_mnist import read_pool
-from visionloop.store import ModelStore
 
 RANKED = ("least_confidence", "margin", "entropy", "class_balanced")
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> str:
     started = time.perf_counter()
     replies = model.predict(images)
     predict_s = time.perf_counter() - started
-    minority = minority_for_push(model.manifest, pulled={})
+    minority = list(model.manifest.minority_classes)
     minority_set = set(minority)
     lines = [f"# Minority share of pushed images per query strategy ({args.version_dir})", "",
              f"Pool: {len(images)} images, {sum(lbl in minority_set for lbl in labels)} of "
@@ -58,16 +59,16 @@ def run(args: argparse.Namespace) -> str:
              f"Capture policy: calibrated confidence < {args.capture_below}, and every "
              f"prediction of a minority class."]
     with tempfile.TemporaryDirectory() as tmp:
-        store = CaptureStore(tmp, CapturePolicy(max_confidence=args.capture_below,
-                                                always_classes=tuple(minority),
-                                                per_minute=10**9))
-        store.capture_batch([(d, f"pool-{i}", r) for i, (d, r) in
-                             enumerate(zip(images, replies, strict=True))])
-        conn = connect(Path(tmp) / "captures.sqlite3")
+        capturer = Capturer(tmp, CapturePolicy(max_confidence=args.capture_below,
+                                               always_classes=tuple(minority),
+                                               per_minute=10**9))
+        capturer.capture_batch([(d, f"pool-{i}", r) for i, (d, r) in
+                                enumerate(zip(images, replies, strict=True))])
+        store = CaptureStore(tmp)
         project = Project(0, "bench", model.manifest.classes, ())
-        candidates, _ = unlinked_candidates(conn, model.manifest.name, len(project.classes),
+        candidates, _ = unlinked_candidates(store, model.manifest.name, len(project.classes),
                                             project.classes)
-        conn.close()
+        store.close()
         captured_minority = sum(truth[c.sha] in minority_set for c in candidates)
         lines += [f"Captured: {len(candidates)} images, {captured_minority} of them minority "
                   f"({captured_minority / max(1, len(candidates)):.2%}).", "",

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from core.manifest import ModelManifest
+from core.model_store import ModelStore
 from serving import server
 from serving.archive import package
 from serving.backends import OnnxBackend, load_backend
@@ -31,8 +33,6 @@ from serving.capture import CapturePolicy
 from serving.handler import ServingConfig
 from serving.inference import decode, postprocess, preprocess_batch
 from trainer import fashion_mnist
-from visionloop.manifest import ModelManifest
-from visionloop.store import ModelStore
 
 NO_CAPTURE = CapturePolicy(max_confidence=None)
 CAPTURE_ALL = CapturePolicy(max_confidence=1.01, per_minute=1_000_000)

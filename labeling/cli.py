@@ -1,15 +1,26 @@
-"""Command-line front ends of labeling: `visionloop labelstudio` and `visionloop label`."""
+"""Command-line front ends of labeling: `visionloop labelstudio` and `visionloop label`.
+
+The modules that talk to Label Studio import its SDK (pandas, opencv: seconds), so each
+command imports them when it runs, not when the parser is built (`visionloop --help`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shlex
 import signal
 from dataclasses import asdict
 from pathlib import Path
 
-from labeling.server import LabelStudioConfig
+from core.model_store import ModelStore
+from core.registry import resolve
+from labeling import server
+from labeling.dedupe import NEAR_DUPLICATE_CORRELATION
+from labeling.push_options import TRANSPORTS
+from labeling.server import LabelStudioConfig, api_token
+from labeling.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +46,6 @@ def add_labelstudio_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_labelstudio(args: argparse.Namespace) -> int:
-    from labeling import server
-
     cfg = server_config(args)
     if args.action == "start":
         pid = server.start(cfg)
@@ -61,10 +70,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:
-    from labeling.dedupe import NEAR_DUPLICATE_CORRELATION
-    from labeling.push import TRANSPORTS
-    from labeling.strategies import STRATEGIES
-
     sub = parser.add_subparsers(dest="label_action", required=True)
     push = sub.add_parser("push", help="send the most useful uncertain captures as tasks")
     push.add_argument("--budget", type=int, required=True, help="most tasks to create")
@@ -90,8 +95,6 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _project(args: argparse.Namespace, client):
     from labeling.project import default_title, ensure_project
-    from visionloop.registry import resolve
-    from visionloop.store import ModelStore
 
     store = ModelStore(args.store)
     manifest = store.load_manifest(args.name, resolve(store, args.name, args.version))
@@ -101,13 +104,12 @@ def _project(args: argparse.Namespace, client):
 
 def _push(args: argparse.Namespace) -> int:
     from labeling.client import connect
-    from labeling.pull import labelled_counts
-    from labeling.push import PushOptions, minority_for_push, push
+    from labeling.push import PushOptions, push
 
     cfg = server_config(args)
     client = connect(cfg)
     manifest, project = _project(args, client)
-    minority = minority_for_push(manifest, labelled_counts(args.labels_dir))
+    minority = list(manifest.minority_classes)
     options = PushOptions(budget=args.budget, strategy=args.strategy,
                           minority_share=args.minority_share, transport=args.transport,
                           min_correlation=args.near_duplicate_correlation, seed=args.seed)
@@ -132,12 +134,9 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _backend(args: argparse.Namespace) -> int:
-    import shlex
-
     from labeling.backend_server import BackendServer
     from labeling.events import RetrainTrigger
     from labeling.predictor import Predictor
-    from labeling.server import api_token
 
     cfg = server_config(args)
     predictor = Predictor(args.store, args.name, args.version, cfg.url, api_token(cfg))

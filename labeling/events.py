@@ -14,7 +14,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from visionloop.fsutil import atomic_write_json
+from core.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,10 @@ import logging
 import urllib.request
 from pathlib import Path
 
+from core.model_store import ModelStore
+from core.registry import resolve
 from labeling.project import FROM_NAME, IMAGE_KEY, TO_NAME
-from serving.inference import BadInput
-from serving.offline import InProcessModel
-from visionloop.registry import resolve
-from visionloop.store import ModelStore
+from serving.offline import BadInput, InProcessModel
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +65,8 @@ class Predictor:
             if isinstance(reply, BadInput):
                 log.warning("task %s: no prediction (%s)", tasks[i].get("id"), reply)
                 continue
-            top = reply["predictions"][0]
-            results[i] = {"model_version": self.model_version, "score": top["probability"],
+            top = reply.predictions[0]
+            results[i] = {"model_version": self.model_version, "score": top.probability,
                           "result": [{"from_name": FROM_NAME, "to_name": TO_NAME,
-                                      "type": "choices", "value": {"choices": [top["label"]]}}]}
+                                      "type": "choices", "value": {"choices": [top.label]}}]}
         return results

@@ -29,9 +29,10 @@ from pathlib import Path
 from label_studio_sdk import LabelStudio
 from PIL import Image
 
+from core.capture_store import image_path
+from core.db import transaction
 from labeling.client import unavailable_as_error
 from labeling.project import FROM_NAME, Project
-from serving.capture import image_path
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,7 @@ def apply(conn: sqlite3.Connection, remote: dict[int, Label], result: PullResult
     result.added = sum(t not in local for t in remote)
     result.changed = sum(t in local and local[t] != remote[t] for t in remote)
     result.removed = sum(t not in remote for t in local)
-    conn.execute("BEGIN")
-    try:
+    with transaction(conn):
         conn.executemany("DELETE FROM labels WHERE task_id = ?",
                          [(t,) for t in local if t not in remote])
         conn.executemany(
@@ -155,10 +155,6 @@ def apply(conn: sqlite3.Connection, remote: dict[int, Label], result: PullResult
                      " VALUES (?, ?, ?, ?, ?)",
                      (datetime.now(timezone.utc).isoformat(timespec="seconds"), result.added,
                       result.changed, result.removed, sum(result.unknown_labels.values())))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def _extension(path: Path) -> str:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,38 +26,14 @@ import numpy as np
 from label_studio_sdk import LabelStudio
 from PIL import Image
 
+from core.capture_store import READER_BUSY_TIMEOUT_S, CaptureStore, image_path
 from labeling.client import unavailable_as_error
-from labeling.dedupe import NEAR_DUPLICATE_CORRELATION, NearDuplicateFilter, thumbnail_signature
+from labeling.dedupe import NearDuplicateFilter, thumbnail_signature
 from labeling.project import FROM_NAME, IMAGE_KEY, TO_NAME, Project
+from labeling.push_options import PushOptions
 from labeling.strategies import rank
-from serving.capture import connect, image_path
-from visionloop.classes import minority_classes
-from visionloop.manifest import ModelManifest
 
 log = logging.getLogger(__name__)
-
-TRANSPORTS = ("local-files", "base64")
-
-
-@dataclass(frozen=True)
-class PushOptions:
-    budget: int
-    strategy: str = "class_balanced"
-    minority_share: float = 0.5  # class_balanced: share of the budget kept for minority classes
-    # local-files: Label Studio serves the capture store's files (same host, nothing copied);
-    # base64: the image travels inside the task (any host, but it bloats Label Studio's DB)
-    transport: str = "local-files"
-    base64_max_bytes: int = 65_536  # larger images go as local files even with base64
-    chunk_size: int = 50
-    min_correlation: float = NEAR_DUPLICATE_CORRELATION
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.budget < 0:
-            raise ValueError(f"budget must be >= 0, got {self.budget}")
-        if self.transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
-
 
 @dataclass
 class PushResult:
@@ -83,31 +57,6 @@ class Candidate:
     scores: dict[str, float]
 
 
-def minority_for_push(manifest: ModelManifest, pulled: dict[str, int]) -> list[str]:
-    """Minority classes by labelled images so far: the model's training set plus the labels
-    pulled since (`labeling.pull.labelled_counts`)."""
-    train = manifest.metrics.get("train_counts")
-    if not train:  # manifests written before train counts were recorded
-        return list(manifest.metrics.get("minority", []))
-    return minority_classes({c: train.get(c, 0) + pulled.get(c, 0) for c in manifest.classes})
-
-
-def _link(conn: sqlite3.Connection, links: dict[str, int], model: str) -> int:
-    """Set task_id on every unlinked capture of each image; returns captures linked."""
-    if not links:
-        return 0
-    conn.execute("BEGIN")
-    try:
-        linked = sum(conn.execute(
-            "UPDATE captures SET task_id = ? WHERE image_sha256 = ? AND model_name = ?"
-            " AND task_id IS NULL", (task, sha, model)).rowcount for sha, task in links.items())
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return linked
-
-
 def project_tasks(client: LabelStudio, project: Project) -> dict[str, int]:
     """Image sha256 -> task id, for every task push made in the project."""
     with unavailable_as_error("listing tasks"):
@@ -115,47 +64,23 @@ def project_tasks(client: LabelStudio, project: Project) -> dict[str, int]:
                 if "capture_sha" in (t.data or {})}
 
 
-def unlink_deleted(conn: sqlite3.Connection, live: set[int], model: str) -> int:
-    """Unlink captures whose task was deleted in Label Studio: their image can be pushed
-    again instead of being lost to labeling. Returns captures unlinked."""
-    dead = [task for (task,) in conn.execute(
-        "SELECT DISTINCT task_id FROM captures WHERE model_name = ? AND task_id IS NOT NULL",
-        (model,)) if task not in live]
-    conn.execute("BEGIN")
-    try:
-        unlinked = sum(conn.execute("UPDATE captures SET task_id = NULL WHERE model_name = ?"
-                                    " AND task_id = ?", (model, task)).rowcount for task in dead)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return unlinked
-
-
-def pushed_tasks(conn: sqlite3.Connection, model: str) -> dict[str, int]:
-    rows = conn.execute("SELECT image_sha256, MIN(task_id) FROM captures WHERE model_name = ?"
-                        " AND task_id IS NOT NULL GROUP BY image_sha256", (model,))
-    return dict(rows.fetchall())
-
-
-def unlinked_candidates(conn: sqlite3.Connection, model: str,
+def unlinked_candidates(store: CaptureStore, model: str,
                         n_classes: int, classes: tuple[str, ...]) -> tuple[list[Candidate], int]:
     """The newest capture of each unlinked image, and how many usable captures there were."""
-    rows = conn.execute(
-        "SELECT id, image_sha256, model_version, predicted, probabilities, max_prob, margin,"
-        " entropy FROM captures WHERE model_name = ? AND task_id IS NULL ORDER BY id",
-        (model,)).fetchall()
     newest: dict[str, Candidate] = {}
     usable = 0
-    for cid, sha, version, predicted, probs, max_prob, margin, ent in rows:
-        probabilities = np.asarray(json.loads(probs), dtype=np.float64)
-        if probabilities.shape != (n_classes,) or predicted not in classes:
+    for row in store.unlinked(model):
+        probabilities = np.asarray(row.probabilities, dtype=np.float64)
+        if probabilities.shape != (n_classes,) or row.predicted not in classes:
             log.warning("capture %d has %s probabilities / class %r for a %d-class model; "
-                        "left out", cid, probabilities.shape, predicted, n_classes)
+                        "left out", row.capture_id, probabilities.shape, row.predicted,
+                        n_classes)
             continue
         usable += 1
-        newest[sha] = Candidate(sha, cid, version, predicted, probabilities,
-                                {"confidence": max_prob, "margin": margin, "entropy": ent})
+        newest[row.sha] = Candidate(row.sha, row.capture_id, row.model_version, row.predicted,
+                                    probabilities, {"confidence": row.max_prob,
+                                                    "margin": row.margin,
+                                                    "entropy": row.entropy})
     return list(newest.values()), usable
 
 
@@ -231,17 +156,17 @@ def push(capture_dir: Path, client: LabelStudio, project: Project, model: str,
     """
     capture_dir = Path(capture_dir)
     files_root = Path(files_root) if files_root is not None else capture_dir
-    conn = connect(capture_dir / "captures.sqlite3", busy_timeout_ms=5000)
+    store = CaptureStore(capture_dir, busy_timeout_s=READER_BUSY_TIMEOUT_S)
     try:
         result = PushResult()
         existing = project_tasks(client, project)
-        result.unlinked_deleted = unlink_deleted(conn, set(existing.values()), model)
+        result.unlinked_deleted = store.unlink_tasks_not_in(set(existing.values()), model)
         # new captures of images that already are tasks become those tasks
-        result.exact_duplicates = _link(conn, pushed_tasks(conn, model), model)
+        result.exact_duplicates = store.link(store.pushed_tasks(model), model)
         # tasks Label Studio has but we never recorded (a crash after an import)
-        result.reconciled = _link(conn, existing, model)
-        pushed = pushed_tasks(conn, model)
-        candidates, usable = unlinked_candidates(conn, model, len(project.classes),
+        result.reconciled = store.link(existing, model)
+        pushed = store.pushed_tasks(model)
+        candidates, usable = unlinked_candidates(store, model, len(project.classes),
                                                  project.classes)
         result.exact_duplicates += usable - len(candidates)  # one image captured twice
         result.candidates = len(candidates)
@@ -270,7 +195,7 @@ def push(capture_dir: Path, client: LabelStudio, project: Project, model: str,
                 raise RuntimeError(f"Label Studio returned {len(ids)} task ids for "
                                    f"{len(chunk)} tasks; the next push reconciles them")
             links = {c.sha: task for c, task in zip(chunk, ids, strict=True)}
-            _link(conn, links, model)
+            store.link(links, model)
             result.pushed += len(chunk)
             result.task_ids += ids
             for c in chunk:
@@ -278,8 +203,8 @@ def push(capture_dir: Path, client: LabelStudio, project: Project, model: str,
             if on_chunk is not None:
                 on_chunk(result.pushed)
         # a near-duplicate becomes its twin's task: one label covers both
-        known = pushed_tasks(conn, model)
-        _link(conn, {sha: known[twin] for sha, twin in twins.items() if twin in known}, model)
+        known = store.pushed_tasks(model)
+        store.link({sha: known[twin] for sha, twin in twins.items() if twin in known}, model)
         return result
     finally:
-        conn.close()
+        store.close()

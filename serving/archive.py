@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from core.manifest import ModelManifest
 from serving.handler import SERVING_CONFIG, ServingConfig
-from visionloop.manifest import ModelManifest
 
 BACKENDS = {"torchscript": "torchscript", "onnx": "onnx", "onnx-fp16": "onnx_fp16"}
 HANDLER = Path(__file__).with_name("handler.py")

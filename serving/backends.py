@@ -28,7 +28,7 @@ class TorchScriptBackend:
 
 class OnnxBackend:
     def __init__(self, path: Path, gpu_id: int | None, allow_spinning: bool = False) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # here: a worker serving TorchScript never loads it
 
         providers: list = ["CPUExecutionProvider"]
         if gpu_id is not None and "CUDAExecutionProvider" in ort.get_available_providers():

@@ -7,6 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+from core.lock import LockBusy
+from core.model_store import ModelStore
+from core.registry import Registry
+from serving import server
+from serving.capture import CAPTURE_BELOW, capture_policy
+from serving.promote import promote
 from serving.server import ServerConfig
 
 
@@ -19,38 +25,32 @@ def add_package_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-path", type=Path, default=ServerConfig.model_store)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-batch-delay-ms", type=int, default=10)
-    parser.add_argument("--capture-below", type=float, default=0.7,
+    parser.add_argument("--capture-below", type=float, default=CAPTURE_BELOW,
                         help="capture predictions whose calibrated confidence is below this")
     parser.add_argument("--capture-classes", default="minority",
                         help="also capture every prediction of these classes: 'minority' "
                              "(the manifest's), 'none', or comma-separated names")
 
 
-def capture_classes(spec: str, manifest) -> tuple[str, ...]:
-    if spec == "none":
-        return ()
+def capture_classes(spec: str) -> tuple[str, ...] | None:
+    """--capture-classes: None for the manifest's minority classes, () for none."""
     if spec == "minority":
-        return tuple(manifest.metrics.get("minority", []))
-    names = tuple(spec.split(","))
-    unknown = sorted(set(names) - set(manifest.classes))
-    if unknown:
-        raise ValueError(f"--capture-classes names classes the model does not have: {unknown}")
-    return names
+        return None
+    return () if spec == "none" else tuple(spec.split(","))
 
 
 def _package(args: argparse.Namespace) -> tuple[str, Path]:
     """Package the version the arguments name; returns (resolved version, .mar path)."""
+    # the archive and the handler's config import torch: only when packaging runs
     from serving.archive import package
-    from serving.capture import CapturePolicy
     from serving.handler import ServingConfig
-    from visionloop.store import ModelStore
 
     store = ModelStore(args.store)
     version = store.resolve_version(args.name, args.version)
     manifest = store.load_manifest(args.name, version)
-    serving = ServingConfig(capture=CapturePolicy(
-        max_confidence=args.capture_below,
-        always_classes=capture_classes(args.capture_classes, manifest)))
+    serving = ServingConfig(capture=capture_policy(
+        manifest, max_confidence=args.capture_below,
+        always_classes=capture_classes(args.capture_classes)))
     mar = package(store.version_dir(args.name, version), args.export_path, args.backend,
                   args.batch_size, args.max_batch_delay_ms, serving=serving)
     return version, mar
@@ -71,11 +71,6 @@ def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_promote(args: argparse.Namespace) -> int:
     """Package VERSION into the running server's model store and make it the default."""
-    from serving.promote import promote
-    from visionloop.lock import LockBusy
-    from visionloop.registry import Registry
-    from visionloop.store import ModelStore
-
     version, mar = _package(args)
     print(mar)
     cfg = ServerConfig(home=args.home, model_store=args.export_path,
@@ -118,8 +113,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from serving import server
-
     cfg = ServerConfig(home=args.home, model_store=args.model_store, capture_dir=args.capture_dir,
                        host=args.host, token_auth=args.token_auth,
                        inference_port=args.inference_port, management_port=args.management_port,

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.manifest import ModelManifest
 from serving.backends import load_backend
-from serving.capture import CapturePolicy, CaptureStore
+from serving.capture import CapturePolicy, Capturer
 from serving.inference import BadInput, Limits, predict_batch
 from serving.metrics import emit as emit_metrics
-from visionloop.manifest import ModelManifest
 
 log = logging.getLogger(__name__)
 SERVING_CONFIG = "serving.json"
@@ -52,38 +52,37 @@ class VisionloopHandler:
         artifact = next(model_dir / n for n in ARTIFACT_NAMES if (model_dir / n).exists())
         self.backend = load_backend(artifact, props.get("gpu_id"))
         capture_dir = os.environ.get("VISIONLOOP_CAPTURE_DIR")
-        self.capture = CaptureStore(capture_dir, self.config.capture) if capture_dir else None
+        self.capture = Capturer(capture_dir, self.config.capture) if capture_dir else None
         self.initialized = True
 
-    def handle(self, data: list[dict], context: Any) -> list[Any]:
+    def handle(self, data: list[dict], context: Any) -> list[str]:
         """One reply per request, in order; bad requests get a 4xx of their own."""
         raw = [row.get("data") or row.get("body") for row in data]
         results = predict_batch(self.backend, self.manifest, raw, self.config.limits,
                                 self.config.top_k)
-        replies: list[Any] = [None] * len(data)
+        bodies: list[dict[str, Any]] = [{}] * len(data)
         good = []
         for i, result in enumerate(results):
             if isinstance(result, BadInput):
                 context.set_response_status(result.status, result.reason, idx=i)
-                replies[i] = {"error": result.reason, "status": result.status}
+                bodies[i] = {"error": result.reason, "status": result.status}
             else:
                 good.append(i)
         if good:
             answered = [results[i] for i in good]
-            bodies = [bytes(raw[i]) for i in good]
+            flags: list[bool | None] = [None] * len(good)
             captured, errors = 0, 0
             if self.capture is not None:
                 ids = [context.get_request_id(i) or uuid.uuid4().hex for i in good]
                 errors_before = self.capture.counts["errors"]
-                flags = self.capture.capture_batch(list(zip(bodies, ids, answered, strict=True)))
-                for reply, flag in zip(answered, flags, strict=True):
-                    reply["captured"] = flag
+                flags = self.capture.capture_batch(
+                    [(bytes(raw[i]), request_id, reply)
+                     for i, request_id, reply in zip(good, ids, answered, strict=True)])
                 captured, errors = sum(flags), self.capture.counts["errors"] - errors_before
             emit_metrics(context.metrics, answered, captured, errors)
-            for i, reply in zip(good, answered, strict=True):
-                reply["backend"] = self.backend.name
-                replies[i] = reply
-        return [json.dumps(r) for r in replies]
+            for i, reply, flag in zip(good, answered, flags, strict=True):
+                bodies[i] = reply.with_serving(flag, self.backend.name).to_dict()
+        return [json.dumps(body) for body in bodies]
 
 
 _service = VisionloopHandler()

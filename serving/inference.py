@@ -12,8 +12,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from visionloop.manifest import ModelManifest
-from visionloop.preprocess import preprocess_image
+from core.manifest import ModelManifest
+from core.preprocess import preprocess_image
+from core.reply import ClassScore, Prediction, Uncertainty
 
 DEFAULT_MAX_PIXELS = 40_000_000  # about 6300 x 6300; far above any photo a classifier needs
 DEFAULT_MAX_BYTES = 6_000_000  # under TorchServe's own max_request_size (6,553,500)
@@ -100,38 +101,40 @@ def preprocess_batch(images: list[torch.Tensor], manifest: ModelManifest) -> tor
     return torch.stack([preprocess_image(image, manifest.preprocessing) for image in images])
 
 
-def uncertainty(probabilities: torch.Tensor) -> dict[str, float]:
+def uncertainty(probabilities: torch.Tensor) -> Uncertainty:
     """max_prob (confidence), margin (top1 - top2), entropy normalised to [0, 1] by log(C)."""
     top2 = probabilities.topk(min(2, len(probabilities))).values
     margin = float(top2[0] - top2[1]) if len(top2) > 1 else 1.0
     entropy = float(-(probabilities * probabilities.clamp_min(1e-12).log()).sum())
-    return {"max_prob": float(top2[0]), "margin": margin,
-            "entropy": entropy / math.log(len(probabilities))}
+    return Uncertainty(max_prob=float(top2[0]), margin=margin,
+                       entropy=entropy / math.log(len(probabilities)))
 
 
-def postprocess(logits: torch.Tensor, manifest: ModelManifest, top_k: int = 5) -> list[dict]:
+def postprocess(logits: torch.Tensor, manifest: ModelManifest,
+                top_k: int = 5) -> list[Prediction]:
     """Logits [N, C] -> per image: calibrated top-k, all probabilities, uncertainty scores."""
     probabilities = torch.softmax(logits.float() / manifest.temperature, dim=1)
     k = min(top_k, probabilities.shape[1])
     replies = []
     for row in probabilities:
         values, indices = row.topk(k)
-        replies.append({
-            "model": manifest.name, "version": manifest.version,
-            "predictions": [{"label": manifest.classes[i], "probability": round(float(p), 6)}
-                            for p, i in zip(values, indices.tolist(), strict=True)],
-            "uncertainty": {k_: round(v, 6) for k_, v in uncertainty(row).items()},
-            "probabilities": [round(float(p), 6) for p in row],
-        })
+        scores = uncertainty(row)
+        replies.append(Prediction(
+            model=manifest.name, version=manifest.version,
+            predictions=tuple(ClassScore(manifest.classes[i], round(float(p), 6))
+                              for p, i in zip(values, indices.tolist(), strict=True)),
+            uncertainty=Uncertainty(round(scores.max_prob, 6), round(scores.margin, 6),
+                                    round(scores.entropy, 6)),
+            probabilities=tuple(round(float(p), 6) for p in row)))
     return replies
 
 
 def predict_batch(backend: Callable[[torch.Tensor], torch.Tensor], manifest: ModelManifest,
                   bodies: list, limits: Limits = Limits(),
-                  top_k: int = 5) -> list[dict | BadInput]:
+                  top_k: int = 5) -> list[Prediction | BadInput]:
     """Decode every body (its BadInput where that fails), run the good ones as one batch:
     one reply or BadInput per body, in order. The handler and serving.offline both use it."""
-    results: list[dict | BadInput | None] = [None] * len(bodies)
+    results: list[Prediction | BadInput | None] = [None] * len(bodies)
     images, good = [], []
     for i, body in enumerate(bodies):
         try:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.reply import Prediction
+
 BINS = 10
 
 
@@ -20,15 +22,15 @@ def confidence_bin(max_prob: float) -> str:
     return f"{index / BINS:.1f}-{(index + 1) / BINS:.1f}"
 
 
-def emit(metrics: Any, replies: list[dict], captured: int, capture_errors: int) -> None:
+def emit(metrics: Any, replies: list[Prediction], captured: int, capture_errors: int) -> None:
     """Record one handled batch; `metrics` is TorchServe's context.metrics."""
     from ts.metrics.dimension import Dimension  # TorchServe's own type, only inside a worker
 
     for reply in replies:
-        dims = [Dimension("PredictedClass", reply["predictions"][0]["label"]),
-                Dimension("ConfidenceBin", confidence_bin(reply["uncertainty"]["max_prob"]))]
+        dims = [Dimension("PredictedClass", reply.label),
+                Dimension("ConfidenceBin", confidence_bin(reply.uncertainty.max_prob))]
         metrics.add_counter("PredictionConfidence", 1, dimensions=dims)
     if replies:
-        version = [Dimension("ModelVersion", replies[0]["version"])]
+        version = [Dimension("ModelVersion", replies[0].version)]
         metrics.add_counter("CapturedPredictions", captured, dimensions=version)
         metrics.add_counter("CaptureErrors", capture_errors, dimensions=version)

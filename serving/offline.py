@@ -10,9 +10,12 @@ from pathlib import Path
 
 import torch
 
+from core.manifest import ModelManifest
+from core.reply import Prediction
 from serving.backends import load_backend
 from serving.inference import BadInput, predict_batch
-from visionloop.manifest import ModelManifest
+
+__all__ = ["BadInput", "InProcessModel"]  # the served path as labeling's ML backend uses it
 
 
 class InProcessModel:
@@ -21,9 +24,9 @@ class InProcessModel:
         self.manifest = ModelManifest.load(version_dir)
         self.backend = load_backend(self.manifest.artifact_path(version_dir, artifact), gpu_id)
 
-    def predict(self, images: list[bytes], batch_size: int = 64) -> list[dict | BadInput]:
+    def predict(self, images: list[bytes], batch_size: int = 64) -> list[Prediction | BadInput]:
         """One reply per image (as the endpoint answers), or the BadInput it would raise."""
-        replies: list[dict | BadInput] = []
+        replies: list[Prediction | BadInput] = []
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 replies += predict_batch(self.backend, self.manifest,

@@ -13,9 +13,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from core.failpoints import failpoint
 from serving.archive_check import check_archive
 from serving.server import ServerConfig, ServerError, management_json, workers_ready
-from visionloop.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 

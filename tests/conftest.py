@@ -41,8 +41,8 @@ def labelstudio(tmp_path_factory: pytest.TempPathFactory):
     Its local-files root is a folder the tests put their capture stores under. A server
     that cannot start fails the tests that need it: it is never skipped.
     """
+    from core.ports import free_loopback_ports
     from labeling import server
-    from visionloop.ports import free_loopback_ports
 
     root = tmp_path_factory.mktemp("labelstudio")
     (port,) = free_loopback_ports(1)

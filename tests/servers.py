@@ -7,8 +7,8 @@ import socket
 import urllib.error
 import urllib.request
 
+from core.ports import free_loopback_ports
 from serving import server
-from visionloop.ports import free_loopback_ports
 
 
 def free_ports() -> dict[str, int]:

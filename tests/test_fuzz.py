@@ -49,7 +49,7 @@ def test_in_process_every_input_gets_a_reply_or_a_4xx(in_process, seeds, artifac
         if isinstance(result, BadInput):
             assert 400 <= result.status < 500 and result.reason
         else:
-            assert abs(sum(result["probabilities"]) - 1) < 1e-3
+            assert abs(sum(result.probabilities) - 1) < 1e-3
 
     check()
     print(f"in-process {artifact}: {TRIED[artifact]} inputs")

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
+from core.classes import minority_classes
 from labeling.dedupe import NearDuplicateFilter, thumbnail_signature
 from labeling.events import RetrainTrigger
 from labeling.project import config_classes, label_config
 from labeling.pull import chosen_label
 from labeling.strategies import rank
-from visionloop.classes import minority_classes
 
 PROBS = np.array([
     [0.90, 0.05, 0.05],  # 0 confident

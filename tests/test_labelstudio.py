@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from core.capture_store import connect as connect_captures
+from core.manifest import ModelManifest
+from core.ports import free_loopback_ports
 from labeling import server
 from labeling.backend_server import BackendServer, serve_in_thread
 from labeling.client import LabelStudioUnavailable, connect
@@ -28,12 +31,9 @@ from labeling.predictor import Predictor
 from labeling.project import FROM_NAME, TO_NAME, ensure_project
 from labeling.pull import labelled_counts, pull
 from labeling.push import PushOptions, push
-from serving.capture import CapturePolicy, CaptureStore
-from serving.capture import connect as connect_captures
+from serving.capture import CapturePolicy, Capturer
 from serving.offline import InProcessModel
 from trainer.fashion_mnist import read_pool
-from visionloop.manifest import ModelManifest
-from visionloop.ports import free_loopback_ports
 
 pytestmark = pytest.mark.slow
 MINORITY = ["coat", "sandal", "bag"]
@@ -51,7 +51,7 @@ def pool_predictions(small_scenario: Path, trained_version: Path):
 def capture_store(labelstudio, name: str, predictions) -> Path:
     """A capture store under Label Studio's local-files root holding every prediction."""
     root = labelstudio.files_root / name
-    store = CaptureStore(root, CapturePolicy(max_confidence=1.01, per_minute=10**6))
+    store = Capturer(root, CapturePolicy(max_confidence=1.01, per_minute=10**6))
     assert all(store.capture_batch([(d, f"req-{i}", r) for i, (d, r, _) in
                                     enumerate(predictions)]))
     return root
@@ -95,15 +95,15 @@ def test_push_ranks_imports_predictions_and_is_idempotent(labelstudio, trained_v
     by_sha = {}
     for data, reply, _ in pool_predictions:
         by_sha[hashlib.sha256(data).hexdigest()] = reply
-    expected = sorted(by_sha, key=lambda s: by_sha[s]["uncertainty"]["max_prob"])[:8]
+    expected = sorted(by_sha, key=lambda s: by_sha[s].uncertainty.max_prob)[:8]
     tasks = tasks_of(client, project)
     assert sorted(t.data["capture_sha"] for t in tasks) == sorted(expected)
     for task in tasks:
         reply = by_sha[task.data["capture_sha"]]
         (prediction,) = task.predictions
         assert prediction.model_version == manifest.version
-        assert prediction.score == pytest.approx(reply["uncertainty"]["max_prob"], abs=1e-6)
-        assert prediction.result[0]["value"]["choices"] == [reply["predictions"][0]["label"]]
+        assert prediction.score == pytest.approx(reply.uncertainty.max_prob, abs=1e-6)
+        assert prediction.result[0]["value"]["choices"] == [reply.label]
         # the image is served by Label Studio from the capture store, not copied into it
         assert task.data["image"].startswith("/data/local-files/?d=push/images/")
     linked = links(root)
@@ -152,7 +152,7 @@ def test_duplicates_become_the_existing_task(labelstudio, trained_version, pool_
     data, reply, _ = pool_predictions[0]
     buf = io.BytesIO()
     Image.open(io.BytesIO(data)).convert("L").save(buf, "JPEG", quality=75)
-    store = CaptureStore(root, CapturePolicy(max_confidence=1.01))
+    store = Capturer(root, CapturePolicy(max_confidence=1.01))
     assert store.capture_batch([(data, "again", reply), (buf.getvalue(), "jpeg", reply)]) == \
         [True, True]
     second = push(root, client, project, manifest.name, MINORITY,
@@ -174,7 +174,7 @@ def test_class_balanced_push_prefers_minority_classes(labelstudio, trained_versi
     minority_idx = [manifest.classes.index(c) for c in MINORITY]
     mass = {t.data["capture_sha"]: 0.0 for t in tasks_of(client, project)}
     assert len(mass) == 10
-    all_mass = sorted((sum(r["probabilities"][i] for i in minority_idx),
+    all_mass = sorted((sum(r.probabilities[i] for i in minority_idx),
                        hashlib.sha256(d).hexdigest()) for d, r, _ in pool_predictions)
     top6 = {sha for _, sha in all_mass[-6:]}
     assert top6 <= set(mass), "the 6 reserved places go to the highest minority mass"
@@ -284,8 +284,8 @@ def test_label_studio_calls_the_ml_backend_for_predictions(labelstudio, trained_
         for task_id, (_, reply, _) in zip(response.task_ids, sample, strict=True):
             (prediction,) = tasks[task_id].predictions
             assert prediction.model_version == f"{manifest.name}-{manifest.version}"
-            assert prediction.result[0]["value"]["choices"] == [reply["predictions"][0]["label"]]
-            assert prediction.score == pytest.approx(reply["predictions"][0]["probability"],
+            assert prediction.result[0]["value"]["choices"] == [reply.label]
+            assert prediction.score == pytest.approx(reply.predictions[0].probability,
                                                      abs=1e-5)
     finally:
         backend.shutdown()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from visionloop.lock import FileLock, LockBusy
+from core.lock import FileLock, LockBusy
 from visionloop.retrain import Evaluation, RetrainConfig, gate, label_files, parse_duration
 
 
@@ -28,7 +28,7 @@ def test_a_killed_runs_lock_frees_when_its_forked_children_are_gone(tmp_path):
     path = tmp_path / ".retrain.lock"
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import os, signal, sys, time
-from visionloop.lock import FileLock
+from core.lock import FileLock
 lock = FileLock({str(path)!r}).__enter__()
 if os.fork() == 0:   # the worker outlives its parent by two seconds
     time.sleep(2)

@@ -2,9 +2,9 @@ import pytest
 import torch
 from skimage import data as skdata
 
+from core.manifest import Preprocessing
+from core.preprocess import preprocess_image
 from trainer.models import ModelError, build_model, set_backbone_trainable
-from visionloop.manifest import Preprocessing
-from visionloop.preprocess import preprocess_image
 
 ESPRESSO = 967  # ImageNet class index
 

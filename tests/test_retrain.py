@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from core.lock import FileLock
+from core.model_store import ModelStore
+from core.registry import Registry
 from serving import server
 from serving.archive import package
 from serving.promote import registered_versions
 from tests.servers import free_ports, predict
 from trainer.fashion_mnist import read_pool
-from visionloop.lock import FileLock
-from visionloop.registry import Registry
 from visionloop.retrain import RetrainConfig, retrain_once
-from visionloop.store import ModelStore
 
 pytestmark = pytest.mark.slow
 

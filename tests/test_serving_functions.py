@@ -5,13 +5,16 @@ import json
 import math
 import multiprocessing
 import sqlite3
+from dataclasses import asdict
 
 import pytest
 import torch
 from PIL import Image
 from skimage import data as skdata
 
-from serving.capture import CapturePolicy, CaptureStore, image_path
+from core.capture_store import image_path
+from core.reply import ClassScore, Prediction, Uncertainty
+from serving.capture import CapturePolicy, Capturer
 from serving.inference import BadInput, Limits, decode, postprocess, uncertainty
 from tests.test_manifest_store import make_manifest
 
@@ -77,7 +80,7 @@ def test_corrupt_png_deflate_stream_is_a_400_not_a_crash():
 
 def test_postprocess_calibrates_with_the_manifest_temperature():
     manifest = make_manifest(temperature=2.0)  # classes ("a", "b")
-    reply = postprocess(torch.tensor([[2.0, 0.0]]), manifest, top_k=5)[0]
+    reply = postprocess(torch.tensor([[2.0, 0.0]]), manifest, top_k=5)[0].to_dict()
     expected = 1 / (1 + math.exp(-1.0))  # softmax([2, 0] / 2)
     assert reply["predictions"][0] == {"label": "a", "probability": pytest.approx(expected)}
     assert len(reply["predictions"]) == 2 and reply["version"] == "v1"
@@ -85,20 +88,20 @@ def test_postprocess_calibrates_with_the_manifest_temperature():
 
 
 def test_uncertainty_scores_at_the_extremes():
-    certain = uncertainty(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    certain = asdict(uncertainty(torch.tensor([1.0, 0.0, 0.0, 0.0])))
     assert certain == {"max_prob": 1.0, "margin": 1.0, "entropy": pytest.approx(0.0, abs=1e-6)}
-    flat = uncertainty(torch.full((4,), 0.25))
+    flat = asdict(uncertainty(torch.full((4,), 0.25)))
     assert flat["entropy"] == pytest.approx(1.0) and flat["margin"] == 0.0
 
 
-def reply(max_prob: float) -> dict:
-    return {"model": "fm", "version": "v1", "predictions": [{"label": "a"}],
-            "probabilities": [max_prob, 1 - max_prob],
-            "uncertainty": {"max_prob": max_prob, "margin": 2 * max_prob - 1, "entropy": 0.5}}
+def reply(max_prob: float, label: str = "a") -> Prediction:
+    return Prediction(model="fm", version="v1", predictions=(ClassScore(label, max_prob),),
+                      probabilities=(max_prob, 1 - max_prob),
+                      uncertainty=Uncertainty(max_prob, 2 * max_prob - 1, 0.5))
 
 
 def test_capture_keeps_only_uncertain_predictions_content_addressed(tmp_path):
-    store = CaptureStore(tmp_path, CapturePolicy(max_confidence=0.7))
+    store = Capturer(tmp_path, CapturePolicy(max_confidence=0.7))
     assert store.maybe_capture(b"img-1", "r1", reply(0.55))
     assert not store.maybe_capture(b"img-2", "r2", reply(0.95))
     assert store.maybe_capture(b"img-1", "r3", reply(0.6))  # same image, second request
@@ -111,13 +114,13 @@ def test_capture_keeps_only_uncertain_predictions_content_addressed(tmp_path):
 
 
 def test_capture_rate_cap_and_errors_never_raise(tmp_path):
-    store = CaptureStore(tmp_path / "ok", CapturePolicy(per_minute=3))
+    store = Capturer(tmp_path / "ok", CapturePolicy(per_minute=3))
     results = [store.maybe_capture(bytes([i]), f"r{i}", reply(0.5)) for i in range(5)]
     assert results == [True, True, True, False, False]
     assert store.counts == {"captured": 3, "dropped_rate_limit": 2, "errors": 0}
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("a file where the capture directory should be")
-    broken = CaptureStore(blocked)
+    broken = Capturer(blocked)
     assert broken.maybe_capture(b"x", "r", reply(0.5)) is False
     assert broken.counts["errors"] == 1
 
@@ -129,7 +132,7 @@ def test_image_path_refuses_anything_but_a_digest(tmp_path):
 
 
 def _writer(root: str, worker: int, count: int) -> None:
-    store = CaptureStore(root, CapturePolicy(per_minute=10_000))
+    store = Capturer(root, CapturePolicy(per_minute=10_000))
     for i in range(count):
         assert store.maybe_capture(f"{worker}-{i}".encode(), f"{worker}-{i}", reply(0.5))
 
@@ -149,7 +152,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 
 
 def test_capture_batch_marks_exactly_the_uncertain_ones(tmp_path):
-    store = CaptureStore(tmp_path, CapturePolicy(max_confidence=0.7, per_minute=2))
+    store = Capturer(tmp_path, CapturePolicy(max_confidence=0.7, per_minute=2))
     items = [(b"a", "r1", reply(0.9)), (b"b", "r2", reply(0.5)), (b"c", "r3", reply(0.6)),
              (b"d", "r4", reply(0.4))]
     assert store.capture_batch(items) == [False, True, True, False]  # r4: over the rate cap
@@ -160,9 +163,9 @@ def test_capture_batch_marks_exactly_the_uncertain_ones(tmp_path):
 
 
 def test_capture_takes_every_prediction_of_the_always_classes(tmp_path):
-    store = CaptureStore(tmp_path, CapturePolicy(max_confidence=0.7, always_classes=["a"]))
+    store = Capturer(tmp_path, CapturePolicy(max_confidence=0.7, always_classes=["a"]))
     confident_a = reply(0.99)
-    confident_b = {**reply(0.99), "predictions": [{"label": "b"}]}
+    confident_b = reply(0.99, label="b")
     assert store.maybe_capture(b"rare", "r1", confident_a)  # a minority class, confident
     assert not store.maybe_capture(b"common", "r2", confident_b)
     assert CapturePolicy(always_classes=["a"]).always_classes == ("a",)  # from serving.json

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from core.capture_store import connect, image_path
 from serving import server
 from serving.archive import package
-from serving.capture import connect, image_path
 from tests.servers import free_ports, predict, worker_pids
 
 pytestmark = pytest.mark.slow

@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from core.capture_store import connect, image_path
+from core.manifest import ModelManifest
+from core.preprocess import preprocess_image
 from serving import server
 from serving.archive import package
-from serving.capture import connect, image_path
 from tests.servers import free_ports, oversize_status, predict
 from trainer.data import load_image_tensor
 from trainer.models import build_model
-from visionloop.manifest import ModelManifest
-from visionloop.preprocess import preprocess_image
 
 pytestmark = pytest.mark.slow
 BACKENDS = ("torchscript", "onnx")

@@ -14,13 +14,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from core.fsutil import sha256_file
+from core.manifest import ModelManifest
+from core.preprocess import preprocess_image
 from trainer.config import TrainConfig
 from trainer.export import PARITY_TOLERANCE
 from trainer.train import run_training
 from visionloop.cli import main as cli_main
-from visionloop.fsutil import sha256_file
-from visionloop.manifest import ModelManifest
-from visionloop.preprocess import preprocess_image
 
 MINORITY = ("coat", "sandal", "bag")  # as in conftest.small_scenario
 

@@ -7,10 +7,9 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
-from visionloop.manifest import Preprocessing
-from visionloop.preprocess import normalize, resize_and_crop, to_rgb
-
-PRESETS = ("none", "light", "standard", "strong")
+from core.manifest import Preprocessing
+from core.preprocess import normalize, resize_and_crop, to_rgb
+from trainer.config import AUGMENT_PRESETS as PRESETS
 
 
 def _augmentations(preset: str, size: int) -> list[torch.nn.Module]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from visionloop.fsutil import atomic_write_bytes, atomic_write_json
+from core.fsutil import atomic_write_bytes, atomic_write_json
 
 
 class CheckpointError(ValueError):

@@ -1,4 +1,8 @@
-"""Command-line front ends of the trainer: `visionloop data ...` and `visionloop train`."""
+"""Command-line front ends of the trainer: `visionloop data ...` and `visionloop train`.
+
+Training and the dataset builder import torch (seconds): each command imports them when it
+runs, not when the parser is built (`visionloop --help`).
+"""
 
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from trainer.train import run_training  # heavy imports only when training runs
+    from trainer.train import run_training
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     cfg = load_config(args.config, overrides)

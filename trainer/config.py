@@ -8,9 +8,13 @@ from typing import Any
 
 import yaml
 
-from trainer.augment import PRESETS
-from trainer.imbalance import METHODS
-from trainer.optim import OPTIMIZERS, SCHEDULES
+# The option vocabularies live here, with the config, so that reading or validating a
+# config (and building the CLI's parser) needs no torch; the modules that implement them
+# import these names.
+AUGMENT_PRESETS = ("none", "light", "standard", "strong")
+IMBALANCE_METHODS = ("none", "oversample", "class_balanced", "logit_adjust")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step")
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ class TrainConfig:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
-        choices = {"augment": PRESETS, "imbalance": METHODS, "optimizer": OPTIMIZERS,
+        choices = {"augment": AUGMENT_PRESETS, "imbalance": IMBALANCE_METHODS,
+                   "optimizer": OPTIMIZERS,
                    "schedule": SCHEDULES, "on_corrupt": ("fail", "skip"),
                    "device": ("auto", "cuda", "cpu")}
         for key, allowed in choices.items():

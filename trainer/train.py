@@ -18,6 +18,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from core.classes import minority_classes
+from core.fsutil import sha256_file
+from core.manifest import Artifact, ModelManifest, Preprocessing
+from core.model_store import ModelStore, StoreError
+from core.preprocess import preprocess_image
 from trainer import imbalance
 from trainer.augment import train_transform
 from trainer.calibration import calibrated_probabilities, fit_temperature
@@ -43,11 +48,6 @@ from trainer.models import build_model, set_backbone_trainable
 from trainer.optim import build_optimizer, build_scheduler, parameter_groups
 from trainer.report import write_report
 from trainer.sampling import EpochSampler
-from visionloop.classes import minority_classes
-from visionloop.fsutil import sha256_file
-from visionloop.manifest import Artifact, ModelManifest, Preprocessing
-from visionloop.preprocess import preprocess_image
-from visionloop.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,10 @@
-"""Shared pieces of visionloop: the model manifest, the model_store layout and the CLI.
+"""The top of visionloop: the `visionloop` command and the loop that drives every stage
+(`visionloop retrain`, `visionloop demo`).
 
-The stage packages (trainer, serving, labeling) import from here and never from
-each other; they meet through the manifest and model_store/.
+Layers, checked by `make lint` (import-linter, pyproject.toml): visionloop imports the
+stages; trainer, serving and labeling import only core and never each other, except the
+one declared edge labeling.predictor -> serving.offline (the ML backend runs the served
+path in-process); core imports none of them.
 """
 
 __version__ = "0.1.0"

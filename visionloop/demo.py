@@ -25,36 +25,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from visionloop.ports import free_loopback_ports
+from core.manifest import ModelManifest
+from core.ports import free_loopback_ports
+from labeling import server as labelstudio_server
+from labeling.client import connect
+from labeling.project import FROM_NAME, TO_NAME, default_title, ensure_project
+from labeling.push import PushOptions, push
+from labeling.server import LabelStudioConfig
+from serving import server as torchserve_server
+from serving.archive import package
+from serving.capture import capture_policy
+from serving.handler import ServingConfig
+from serving.server import ServerConfig
+from trainer.config import TrainConfig
+from trainer.fashion_mnist import read_pool
+from trainer.train import run_training
+from visionloop.configs import DemoConfig, RetrainConfig
+from visionloop.demo_report import write_report
+from visionloop.retrain import evaluate, held_out_samples, retrain_once
 
 log = logging.getLogger("visionloop.demo")
 DEMO_MARKER = ".visionloop-demo"
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    data: Path = Path("data/fashion-mnist-lt")
-    out: Path = Path("runs/demo")
-    name: str = "fashion"
-    rounds: int = 3
-    budget: int = 60  # labels per round, for the loop and for the random baseline alike
-    stream_per_round: int = 1500  # pool images the application sends per round
-    strategy: str = "class_balanced"
-    image_size: int = 32
-    champion_epochs: int = 4  # 3 left minority recall at 0.05; 8 (the trainer's default) +5 min
-    retrain_epochs: int = 1
-    base_per_class: int = 150  # base images per class replayed in each fine-tune
-    eval_per_class: int = 100  # test images per class for the gate and the report
-    champion: Path | None = None  # reuse a trained version dir instead of training one
-    seed: int = 0
-
-    @classmethod
-    def quick(cls, **overrides) -> DemoConfig:
-        """Minutes on a small scenario: for tests."""
-        values = dict(rounds=2, budget=12, stream_per_round=40, champion_epochs=1,
-                      retrain_epochs=1, base_per_class=20, eval_per_class=20)
-        values.update(overrides)
-        return cls(**values)
 
 
 @dataclass
@@ -81,8 +72,6 @@ class Timer:
 
 def pool_truth(data: Path) -> tuple[list[Path], dict[str, str]]:
     """Pool files in a fixed shuffled order, and sha256 -> true label."""
-    from trainer.fashion_mnist import read_pool
-
     pool = read_pool(data)
     random.Random(0).shuffle(pool)
     return ([p for p, _ in pool],
@@ -107,8 +96,6 @@ def stream(url: str, files: list[Path], concurrency: int = 4) -> tuple[int, int]
 
 def annotate_as_truth(client, project_id: int, truth: dict[str, str]) -> list[str]:
     """The stand-in annotator: answer every unanswered task with the pool's true label."""
-    from labeling.project import FROM_NAME, TO_NAME
-
     answered = []
     for task in client.tasks.list(project=project_id, fields="all"):
         if task.annotations or "capture_sha" not in (task.data or {}):
@@ -133,9 +120,6 @@ def random_labels(streamed: list[Path], budget: int, labels_dir: Path, truth_by_
 
 
 def train_champion(cfg: DemoConfig, store: Path) -> Path:
-    from trainer.config import TrainConfig
-    from trainer.train import run_training
-
     if cfg.champion is not None:
         target = store / cfg.name / "v1"
         shutil.copytree(cfg.champion, target)
@@ -148,9 +132,6 @@ def train_champion(cfg: DemoConfig, store: Path) -> Path:
 
 class Demo:
     def __init__(self, cfg: DemoConfig) -> None:
-        from labeling.server import LabelStudioConfig
-        from serving.server import ServerConfig
-
         self.cfg, self.timer = cfg, Timer()
         out = cfg.out
         self.store = out / "model_store"
@@ -164,9 +145,7 @@ class Demo:
             metrics_port=ports[3], grpc_inference_port=ports[4], grpc_management_port=ports[5])
         self.results: list[RoundResult] = []
 
-    def retrain_config(self, name: str, labels_dir: Path):
-        from visionloop.retrain import RetrainConfig
-
+    def retrain_config(self, name: str, labels_dir: Path) -> RetrainConfig:
         c = self.cfg
         return RetrainConfig(
             name=name, store=self.store, data=c.data, labels_dir=labels_dir,
@@ -175,8 +154,6 @@ class Demo:
             capture_per_minute=1_000_000, work_dir=c.out / "work" / name)
 
     def run(self) -> Path:
-        from labeling import server as labelstudio_server
-
         out = self.cfg.out
         if out.exists() and any(out.iterdir()):
             if not (out / DEMO_MARKER).exists():  # never wipe a folder the demo did not make
@@ -191,14 +168,10 @@ class Demo:
         try:
             return self._loop(starter, started)
         finally:
-            from serving import server as torchserve_server
-
             torchserve_server.stop(self.torchserve)
             labelstudio_server.stop(self.labelstudio)
 
     def _start_labelstudio(self, started: dict) -> None:
-        from labeling import server as labelstudio_server
-
         try:
             labelstudio_server.start(self.labelstudio)
             started["ok"] = True
@@ -206,21 +179,11 @@ class Demo:
             started["error"] = exc
 
     def _loop(self, starter: threading.Thread, started: dict) -> Path:
-        from labeling.client import connect
-        from labeling.project import default_title, ensure_project
-        from labeling.push import PushOptions, push
-        from serving import server as torchserve_server
-        from serving.archive import package
-        from serving.capture import CapturePolicy
-        from serving.handler import ServingConfig
-        from visionloop.manifest import ModelManifest
-        from visionloop.retrain import evaluate, held_out_samples, retrain_once
-
         c, t = self.cfg, self.timer
         t.step("training the champion (%d epochs, %d px)", c.champion_epochs, c.image_size)
         champion_dir = train_champion(c, self.store)
         manifest = ModelManifest.load(champion_dir)
-        minority = list(manifest.metrics.get("minority", []))
+        minority = list(manifest.minority_classes)
         # the random baseline fine-tunes its own line of versions from the same champion
         shutil.copytree(champion_dir, self.store / f"{c.name}-random" / "v1")
         samples = held_out_samples(c.data, manifest.classes, c.eval_per_class)
@@ -232,8 +195,7 @@ class Demo:
         t.step("champion v1: macro-F1 %.3f, minority recall %.3f (%s)", first.macro_f1,
                first.minority_recall, ", ".join(minority))
 
-        serving = ServingConfig(capture=CapturePolicy(max_confidence=0.7, per_minute=1_000_000,
-                                                      always_classes=tuple(minority)))
+        serving = ServingConfig(capture=capture_policy(manifest, per_minute=1_000_000))
         mar = package(champion_dir, self.torchserve.model_store, "torchscript", serving=serving)
         torchserve_server.start(self.torchserve, {c.name: mar.name})
         t.step("TorchServe serves %s v1 on %s", c.name, self.torchserve.url("inference"))
@@ -287,7 +249,6 @@ class Demo:
                 m["macro_f1"], m["minority_recall"], m["ece"], m["per_class_recall"]))
             t.step("round %d: random baseline %s, macro-F1 %.3f", round_, baseline.challenger,
                    self.results[-1].macro_f1)
-        from visionloop.demo_report import write_report
         report = write_report(c, self.results, minority, time.monotonic() - t.start,
                               self.store / c.name / "registry.md")
         t.step("report: %s", report)

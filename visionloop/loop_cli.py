@@ -1,4 +1,8 @@
-"""Command-line front ends of the loop: `visionloop retrain` and `visionloop demo`."""
+"""Command-line front ends of the loop: `visionloop retrain` and `visionloop demo`.
+
+The retrain job and the demo import every stage (torch, the Label Studio SDK: seconds), so
+they are imported when their command runs, not when the parser is built.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,10 @@ import json
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
+from core.lock import LockBusy
 from labeling.cli import add_server_arguments, server_config
 from serving.server import ServerConfig
-from visionloop.demo import DemoConfig
-from visionloop.retrain import RetrainConfig
+from visionloop.configs import DemoConfig, RetrainConfig
 
 _TYPES = {"int": int, "int | None": int, "float": float, "Path": Path, "Path | None": Path,
           "str": str}
@@ -41,7 +45,6 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_retrain(args: argparse.Namespace) -> int:
     from labeling.client import LabelStudioUnavailable
-    from visionloop.lock import LockBusy
     from visionloop.retrain import parse_duration, retrain_once, run_every
 
     cfg = RetrainConfig(**{f.name: getattr(args, f.name) for f in fields(RetrainConfig)})

@@ -6,7 +6,7 @@
 The gate: the challenger is promoted only if its macro-F1 is not below the champion's by
 more than `max_macro_f1_drop` AND its mean minority-class recall is not below the
 champion's by more than `max_minority_recall_drop`. Every decision is appended to the
-registry (visionloop.registry). Promotion (package, zero-downtime swap in a running
+registry (core.registry). Promotion (package, zero-downtime swap in a running
 TorchServe, then the CHAMPION record) is the last step, so a failure or a kill anywhere
 before it leaves the champion serving; the trainer publishes a version only after its
 export parity checks pass, and labels are never modified here. A crashed run's lock is
@@ -25,40 +25,27 @@ from pathlib import Path
 
 import torch
 
+from core.failpoints import failpoint
+from core.fsutil import atomic_write_json
+from core.model_store import ModelStore
+from core.registry import Decision, Registry
+from labeling.client import connect
+from labeling.project import default_title, ensure_project
+from labeling.pull import pull
 from labeling.server import LabelStudioConfig
+from serving import server
+from serving.archive import package
+from serving.capture import capture_policy
+from serving.handler import ServingConfig
+from serving.offline import InProcessModel
+from serving.promote import promote, registered_versions
 from serving.server import ServerConfig
-from visionloop.failpoints import failpoint
-from visionloop.fsutil import atomic_write_json
-from visionloop.registry import Decision, Registry
-from visionloop.store import ModelStore
+from trainer.config import TrainConfig
+from trainer.metrics import classification_report, expected_calibration_error
+from trainer.train import run_training
+from visionloop.configs import RetrainConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RetrainConfig:
-    name: str = "fashion"
-    store: Path = Path("model_store")
-    data: Path = Path("data/fashion-mnist-lt")  # base ImageFolder: train/, val/, test/
-    labels_dir: Path = Path("labels")  # what `visionloop label pull` writes
-    capture_dir: Path = Path("captures")
-    pull: bool = True  # pull from Label Studio first (off: use labels_dir as it is)
-    min_new_labels: int = 20  # fewer new labels since the last attempt: do nothing
-    # the challenger: a short warm-start fine-tune replaying part of the base data
-    epochs: int = 2
-    freeze_epochs: int = 0
-    lr: float = 1e-3
-    base_per_class: int | None = 300
-    seed: int = 0
-    # the gate
-    max_macro_f1_drop: float = 0.005
-    max_minority_recall_drop: float = 0.02
-    eval_per_class: int | None = None  # cap test images per class (None: the whole test/)
-    # promotion
-    backend: str = "torchscript"
-    capture_below: float = 0.7
-    capture_per_minute: int = 600  # per TorchServe worker
-    work_dir: Path = Path("runs/retrain")
 
 
 @dataclass
@@ -98,12 +85,9 @@ def held_out_samples(data: Path, classes: tuple[str, ...],
 def evaluate(version_dir: Path, samples: list[tuple[Path, int]],
              minority: list[str]) -> Evaluation:
     """Served-path predictions (TorchScript artifact, handler functions) on the test set."""
-    from serving.offline import InProcessModel
-    from trainer.metrics import classification_report, expected_calibration_error
-
     model = InProcessModel(version_dir)
     replies = model.predict([p.read_bytes() for p, _ in samples])
-    probs = torch.tensor([r["probabilities"] for r in replies], dtype=torch.float64)
+    probs = torch.tensor([r.probabilities for r in replies], dtype=torch.float64)
     labels = torch.tensor([y for _, y in samples])
     report = classification_report(probs.clamp_min(1e-12).log(), labels, model.manifest.classes)
     recall = {c: report["per_class"][c]["recall"] for c in model.manifest.classes}
@@ -126,9 +110,6 @@ def gate(champion: Evaluation, challenger: Evaluation, cfg: RetrainConfig) -> tu
 
 
 def train_challenger(cfg: RetrainConfig, champion: str, minority: list[str]) -> Path:
-    from trainer.config import TrainConfig
-    from trainer.train import run_training
-
     labels = Path(cfg.labels_dir) / "images"
     train_cfg = TrainConfig(
         data=str(cfg.data), extra_train=(str(labels),) if labels.is_dir() else (),
@@ -145,19 +126,12 @@ def train_challenger(cfg: RetrainConfig, champion: str, minority: list[str]) -> 
 
 def promote_version(cfg: RetrainConfig, version: str, torchserve: ServerConfig | None) -> str:
     """Package and swap in the running TorchServe (if any); returns what was done."""
-    from serving import server
-    from serving.archive import package
-    from serving.capture import CapturePolicy
-    from serving.handler import ServingConfig
-    from serving.promote import promote
-
     if torchserve is None or not server.management_reachable(torchserve):
         return "no TorchServe running: recorded as champion only"
     store = ModelStore(cfg.store)
     manifest = store.load_manifest(cfg.name, version)
-    serving = ServingConfig(capture=CapturePolicy(
-        max_confidence=cfg.capture_below, per_minute=cfg.capture_per_minute,
-        always_classes=tuple(manifest.metrics.get("minority", []))))
+    serving = ServingConfig(capture=capture_policy(
+        manifest, max_confidence=cfg.capture_below, per_minute=cfg.capture_per_minute))
     mar = package(store.version_dir(cfg.name, version), torchserve.model_store, cfg.backend,
                   serving=serving)
     removed = promote(torchserve, cfg.name, version, mar.name)
@@ -170,9 +144,6 @@ def restore_champion_serving(cfg: RetrainConfig, torchserve: ServerConfig | None
     """A run killed during a promotion can leave TorchServe serving the challenger, or two
     versions: make the CHAMPION record's version the only one served again. True if it
     had to. The record is written last, so it names the last promotion that completed."""
-    from serving import server
-    from serving.promote import registered_versions
-
     if torchserve is None or not server.management_reachable(torchserve):
         return False
     registered = registered_versions(torchserve, cfg.name)
@@ -209,7 +180,7 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
         registry.set_champion(champion)
         manifest = store.load_manifest(cfg.name, champion)
         manifest.verify(store.version_dir(cfg.name, champion))  # before an hour of training
-        minority = list(manifest.metrics.get("minority", []))
+        minority = list(manifest.minority_classes)
         log.info("%d new labels: fine-tuning a challenger from %s", len(new), champion)
         challenger_dir = train_challenger(cfg, champion, minority)
         # the attempt used these labels, promoted or not: the next run waits for new ones
@@ -233,10 +204,6 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
 
 
 def pull_labels(cfg: RetrainConfig, labelstudio: LabelStudioConfig) -> None:
-    from labeling.client import connect
-    from labeling.project import default_title, ensure_project
-    from labeling.pull import pull
-
     store = ModelStore(cfg.store)
     manifest = store.load_manifest(cfg.name, Registry(store, cfg.name).champion())
     client = connect(labelstudio)

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from visionloop.manifest import MANIFEST_FILE, ModelManifest
+from core.manifest import MANIFEST_FILE, ModelManifest
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _VERSION_PATTERN = re.compile(r"^v(\d+)$")

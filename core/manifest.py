@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visionloop.fsutil import atomic_write_json, sha256_file
+from core.fsutil import atomic_write_json, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -92,6 +92,18 @@ class ModelManifest:
                     f"artifact {key!r} has format {artifact.format!r}; "
                     f"allowed: {', '.join(ARTIFACT_FORMATS)}"
                 )
+
+    @property
+    def minority_classes(self) -> tuple[str, ...]:
+        """The loop's one definition of the minority classes, used by capture, push and the
+        gate: those the trainer recorded (named by the user, or detected from the training
+        counts by core.classes.minority_classes); a challenger inherits its champion's."""
+        return tuple(self.metrics.get("minority", ()))
+
+    @property
+    def train_counts(self) -> dict[str, int]:
+        """Training images per class ({} in manifests written before they were recorded)."""
+        return dict(self.metrics.get("train_counts", {}))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
