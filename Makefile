@@ -59,7 +59,7 @@ $(DATA)/scenario.json: | setup
 
 # The whole loop with real TorchServe and Label Studio on loopback; report in runs/demo/.
 demo: setup $(DATA)/scenario.json
-	$(VENV)/bin/visionloop demo --data $(DATA) --out runs/demo
+	$(VENV)/bin/visionloop demo --scenario $(DATA) --out runs/demo
 
 test: setup
 	$(PY) -m pytest -q

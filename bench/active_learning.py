@@ -1,24 +1,25 @@
-"""Does the loop pay? Query strategies against random labelling on long-tailed Fashion-MNIST.
+"""Does the loop pay? Labels each query strategy needs, against random labelling, to reach
+80% of the minority-recall gain of labelling the whole pool.
 
-Per seed: a long-tailed scenario whose unlabeled pool is as long-tailed as train (a
-production-like stream) and a champion trained with the trainer's defaults. Then, for each
-strategy, `rounds` rounds of:
-- predict the unlabeled pool with the served path (TorchScript, handler functions);
-- keep what the serving capture policy keeps (calibrated confidence < 0.7, and every
-  prediction of a minority class);
-- pick `budget` of them (labeling.strategies); random picks from the whole stream, as
+Per seed: the long-tailed Fashion-MNIST scenario (train ratio 100, a pool as long-tailed
+as train: 21,090 images with 90 of the minority classes, a balanced test set of 5000), and
+the loop's learner as the product runs it on a CPU: the pretrained Lite0 backbone frozen
+at 64 px, embeddings from the trainer's cache (trainer.embeddings), the linear head fit
+with logit adjustment and the champion's prior kept (trainer.head; L2 chosen on val/ for
+the champion, then kept). Each strategy, in rounds of --budget labels:
+- score the unlabeled pool with the current head;
+- keep what the serving capture policy keeps (calibrated confidence < 0.7, or a predicted
+  minority class) and rank it (labeling.strategies); random picks from the whole pool, as
   labelling without a model would;
-- label them with the true labels, fine-tune from the previous model on train + all labels
-  so far (the trainer: warm start, its rebalanced default), evaluate on the test set.
-One branch repeats class-balanced selection with a plain cross-entropy learner. Training
-noise: the champion trained from several init seeds on the same data.
+- label them with the true labels and re-fit the head on train + all labels so far;
+- score the test set (macro-F1, minority recall).
+Random runs in growing steps until it reaches the target (or has labelled the whole pool).
 
-Reported, mean ± std over seeds:
-- minority images found per label, as a multiple of random's;
-- labels needed to reach the random branch's final macro-F1 and minority recall, as a
-  multiple of fewer than random (random needs its whole budget by construction).
+Reported per strategy, over seeds: labels to the target (interpolated between rounds) and
+the ratio to random's, minority images found, and macro-F1 / minority recall after 300
+labels with their bootstrap 95% interval on the test set.
 
-    python -m bench.active_learning --out reports/bench-al [--seeds 0,1,2 --rounds 4 --budget 100]
+    python -m bench.active_learning --out bench/results/active-learning-cpu --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -36,16 +35,21 @@ import numpy as np
 import torch
 
 from core.fsutil import atomic_write_json, atomic_write_text
-from core.manifest import ModelManifest
+from core.manifest import Preprocessing
+from core.scenario import class_names, read_pool
 from labeling.strategies import rank
-from serving.capture import CapturePolicy
-from serving.offline import InProcessModel
+from serving.capture import CAPTURE_BELOW
 from trainer import fashion_mnist
-from trainer.config import TrainConfig
-from trainer.train import run_training
+from trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
+from trainer.head import fit_head, fit_linear_head
+from trainer.models import LITE0, build_model
+from visionloop.bootstrap import intervals
 
 log = logging.getLogger("bench.active_learning")
-CAPTURE_BELOW = 0.7
+STRATEGIES = ("random", "least_confidence", "margin", "entropy", "class_balanced",
+              "class_balanced_all")  # class_balanced_all: minority share 1.0
+GAIN_FRACTION = 0.8
+REPORT_AT = 300
 
 
 def build_data(root: Path, args: argparse.Namespace, seed: int) -> Path:
@@ -57,254 +61,220 @@ def build_data(root: Path, args: argparse.Namespace, seed: int) -> Path:
     return out
 
 
-def train(args: argparse.Namespace, data: Path, store: Path, name: str, seed: int,
-          parent: str | None = None, labels: Path | None = None, epochs: int | None = None,
-          imbalance: str = "logit_adjust") -> Path:
-    cfg = TrainConfig(
-        data=str(data), out=str(store), name=name, parent=parent, seed=seed,
-        extra_train=(str(labels / "images"),) if labels and (labels / "images").exists() else (),
-        epochs=epochs or args.champion_epochs, freeze_epochs=0 if parent else 1,
-        lr=args.retrain_lr if parent else TrainConfig.lr, image_size=args.image_size,
-        imbalance=imbalance, minority=tuple(args.minority), num_workers=args.num_workers,
-        show_progress=False, work_dir=str(store / "runs" / f"{name}-{seed}"))
-    return run_training(cfg)
+def embeddings(data: Path, cache_root: Path, image_size: int) -> dict[str, tuple]:
+    """(embeddings, labels) of train/, val/, test/ and the pool, through the product's cache."""
+    built = build_model(LITE0, 2, "DEFAULT")
+    pre = Preprocessing(image_size, image_size, built.mean, built.std)
+    cache = EmbeddingCache(cache_root, backbone_fingerprint(built.model, built.head_prefix,
+                                                            LITE0, pre))
+    classes = class_names(data)
+    splits = {split: [(p, i) for i, c in enumerate(classes)
+                      for p in sorted((data / split / c).iterdir())]
+              for split in ("train", "val", "test")}
+    splits["pool"] = [(p, classes.index(label)) for p, label in read_pool(data)]
+    try:
+        return {split: (embed_files(built.model, built.head_prefix, pre, [p for p, _ in items],
+                                    cache, torch.device("cpu")),
+                        np.array([y for _, y in items])) for split, items in splits.items()}
+    finally:
+        cache.close()
 
 
-def metrics(version_dir: Path) -> dict:
-    m = ModelManifest.load(version_dir).metrics
-    return {"macro_f1": m["test"]["macro_f1"], "minority_recall": m["minority_recall"]}
+class Learner:
+    """The product's head learner on fixed embeddings: standardised by train/, L2 chosen on
+    val/ for the champion, the champion's prior kept for every re-fit."""
+
+    def __init__(self, data: dict[str, tuple], classes: tuple[str, ...], minority: list[int]):
+        self.classes, self.minority = classes, minority
+        train_x, self.train_y = data["train"]
+        self.mean, self.scale = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
+        self.x = {k: ((v[0] - self.mean) / self.scale).astype(np.float32) for k, v in data.items()}
+        self.y = {k: v[1] for k, v in data.items()}
+        self.prior = np.bincount(self.train_y, minlength=len(classes)).astype(np.float64)
+        champion = fit_head(data["train"], data["val"], classes, self.prior)
+        self.l2 = champion.l2
+        self.champion = fit_linear_head(self.x["train"], self.train_y, self.prior, l2=self.l2)
+
+    def refit(self, labelled: np.ndarray, start: tuple) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([self.x["train"], self.x["pool"][labelled]])
+        y = np.concatenate([self.train_y, self.y["pool"][labelled]])
+        return fit_linear_head(x, y, self.prior, l2=self.l2, init=start)
+
+    def probabilities(self, head: tuple, rows: np.ndarray) -> np.ndarray:
+        logits = self.x["pool"][rows] @ head[0].T + head[1]
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def score(self, head: tuple) -> dict:
+        predicted = (self.x["test"] @ head[0].T + head[1]).argmax(axis=1)
+        found = intervals(self.y["test"], predicted, len(self.classes), self.minority)
+        return {k: v.to_dict() for k, v in found.items()}
 
 
-def pool(data: Path) -> tuple[list[Path], list[str]]:
-    entries = fashion_mnist.read_pool(data)
-    return [path for path, _ in entries], [label for _, label in entries]
-
-
-def select(strategy: str, model: InProcessModel, files: list[Path], unlabeled: list[int],
-           budget: int, minority: list[str], rng: random.Random) -> list[int]:
+def select(learner: Learner, strategy: str, head: tuple, unlabelled: np.ndarray, budget: int,
+           rng: np.random.Generator) -> np.ndarray:
     if strategy == "random":
-        return rng.sample(unlabeled, min(budget, len(unlabeled)))
-    replies = model.predict([files[i].read_bytes() for i in unlabeled], batch_size=512)
-    policy = CapturePolicy(max_confidence=CAPTURE_BELOW, always_classes=tuple(minority))
-    captured = [(i, r) for i, r in zip(unlabeled, replies, strict=True) if policy.wants(r)]
-    probs = np.array([r.probabilities for _, r in captured])
-    classes = model.manifest.classes
-    order = rank(probs, strategy.removesuffix("+ce"), budget=budget,
-                 minority=[classes.index(c) for c in minority])
-    return [captured[j][0] for j in order[:budget]]
+        return rng.choice(unlabelled, min(budget, len(unlabelled)), replace=False)
+    probs = learner.probabilities(head, unlabelled)
+    captured = (probs.max(axis=1) < CAPTURE_BELOW) | np.isin(probs.argmax(axis=1),
+                                                            learner.minority)
+    rows = np.flatnonzero(captured)
+    share = 1.0 if strategy == "class_balanced_all" else 0.5
+    order = rank(probs[rows], strategy.removesuffix("_all"), budget=budget,
+                 minority=learner.minority, minority_share=share)
+    return unlabelled[rows[order[:budget]]]
 
 
-def run_branch(args, data: Path, store: Path, champion: Path, strategy: str, seed: int,
-               gpu: int | None) -> list[dict]:
-    files, truth = pool(data)
-    name = strategy.replace("+", "-")
-    shutil.copytree(champion, store / name / "v1")
-    labels = store / f"labels-{name}"
-    rng = random.Random(seed)
-    unlabeled = list(range(len(files)))
-    version_dir = store / name / "v1"
-    rows = [{"round": 0, "labels": 0, "minority_labels": 0, **metrics(version_dir)}]
-    minority = list(args.minority)
-    chosen_labels: list[str] = []
-    for round_ in range(1, args.rounds + 1):
-        model = InProcessModel(version_dir, gpu_id=gpu)
-        chosen = select(strategy, model, files, unlabeled, args.budget, minority, rng)
-        taken = set(chosen)
-        unlabeled = [i for i in unlabeled if i not in taken]
-        for i in chosen:
-            target = labels / "images" / truth[i] / files[i].name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(files[i], target)
-            chosen_labels.append(truth[i])
-        version_dir = train(args, data, store, name, seed, parent="latest", labels=labels,
-                            epochs=args.retrain_epochs,
-                            imbalance="none" if strategy.endswith("+ce") else "logit_adjust")
-        rows.append({"round": round_, "labels": len(chosen_labels),
-                     "minority_labels": sum(lbl in minority for lbl in chosen_labels),
-                     **metrics(version_dir)})
-        log.info("seed %d %s round %d: %s", seed, strategy, round_, rows[-1])
-    return rows
+def run_strategy(learner: Learner, strategy: str, args: argparse.Namespace, target: float,
+                 seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    labelled = np.zeros(len(learner.y["pool"]), dtype=bool)
+    head, curve = learner.champion, []
+    while labelled.sum() < len(labelled):
+        spent = int(labelled.sum())
+        step = args.budget if strategy != "random" or spent < REPORT_AT else max(args.budget,
+                                                                                 spent)
+        if spent < REPORT_AT < spent + step:
+            step = REPORT_AT - spent  # a point exactly at the reported budget
+        picks = select(learner, strategy, head, np.flatnonzero(~labelled), step, rng)
+        labelled[picks] = True
+        head = learner.refit(labelled, head)
+        scores = learner.score(head)
+        found = int(np.isin(learner.y["pool"][labelled], learner.minority).sum())
+        curve.append({"labels": int(labelled.sum()), "minority_found": found, **scores})
+        log.info("seed %d %s: %d labels, %d minority, macro-F1 %.4f, minority recall %.4f",
+                 seed, strategy, labelled.sum(), found, scores["macro_f1"]["estimate"],
+                 scores["minority_recall"]["estimate"])
+        reached = scores["minority_recall"]["estimate"] >= target
+        if (reached and labelled.sum() >= REPORT_AT) or (
+                strategy != "random" and labelled.sum() >= args.max_labels):
+            break
+    return curve
 
 
-def labels_to_reach(rows: list[dict], key: str, target: float) -> float | None:
-    """Labels at which the curve first reaches target (linear between rounds); None: never."""
-    if rows[0][key] >= target:
-        return 0.0
-    for before, after in zip(rows, rows[1:], strict=False):
-        if after[key] >= target:
-            gain = after[key] - before[key]
-            return before["labels"] + (target - before[key]) / gain * (after["labels"]
-                                                                       - before["labels"])
+def labels_to(curve: list[dict], target: float, start: float) -> float | None:
+    """Labels at which minority recall first reaches the target, linear between rounds."""
+    previous = (0, start)
+    for point in curve:
+        recall = point["minority_recall"]["estimate"]
+        if recall >= target:
+            (l0, r0), l1 = previous, point["labels"]
+            return l0 + (l1 - l0) * (target - r0) / (recall - r0) if recall > r0 else l1
+        previous = (point["labels"], recall)
     return None
 
 
-def pool_minority_share(settings: dict) -> float:
-    """Random labelling's expected share of minority images: the pool's own share."""
-    minority = len(settings["minority"])
-    per_minority = settings["pool_per_class"] / settings["imbalance_ratio"]
-    return minority * per_minority / ((10 - minority) * settings["pool_per_class"]
-                                      + minority * per_minority)
+def run_seed(args: argparse.Namespace, seed: int) -> dict:
+    started = time.monotonic()
+    data = build_data(args.work_dir, args, seed)
+    classes = class_names(data)
+    minority = [classes.index(c) for c in args.minority]
+    learner = Learner(embeddings(data, args.work_dir / "embeddings", args.image_size),
+                      classes, minority)
+    champion = learner.score(learner.champion)
+    full = learner.score(learner.refit(np.ones(len(learner.y["pool"]), dtype=bool),
+                                       learner.champion))
+    start = champion["minority_recall"]["estimate"]
+    target = start + GAIN_FRACTION * (full["minority_recall"]["estimate"] - start)
+    log.info("seed %d: l2 %g, champion %s, whole pool %s, target minority recall %.4f",
+             seed, learner.l2, champion, full, target)
+    result = {"seed": seed, "l2": learner.l2, "champion": champion, "full_pool": full,
+              "target_minority_recall": target, "pool": len(learner.y["pool"]),
+              "pool_minority": int(np.isin(learner.y["pool"], minority).sum()), "curves": {}}
+    for strategy in args.strategies:
+        curve = run_strategy(learner, strategy, args, target, seed)
+        result["curves"][strategy] = {"curve": curve,
+                                      "labels_to_target": labels_to(curve, target, start)}
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result
 
 
-def noise_std(noise: list[dict], key: str, default: float) -> float:
-    values = [n[key] for n in noise]
-    return statistics.stdev(values) if len(values) > 1 else default
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
-def summarize(results: dict, noise: list[dict], settings: dict) -> tuple[dict, dict]:
-    """Per strategy and seed: minority found per label / random's expected rate, and the
-    labels needed to beat the champion by one training-noise std (macro-F1, minority recall)."""
-    expected = pool_minority_share(settings)
-    margins = {"macro_f1": noise_std(noise, "macro_f1", 0.02),
-               "minority_recall": noise_std(noise, "minority_recall", 0.04)}
-    found = list(next(iter(results.values())))
-    strategies = ["random", *[s for s in found if s != "random"]] if "random" in found else found
-    summary = {s: {"found_ratio": [], "labels_f1": [], "labels_recall": [],
-                   "final_macro_f1": [], "final_minority_recall": []} for s in strategies}
-    for by_strategy in results.values():
-        for s, rows in by_strategy.items():
-            out = summary[s]
-            out["found_ratio"].append(rows[-1]["minority_labels"] / rows[-1]["labels"] / expected)
-            out["final_macro_f1"].append(rows[-1]["macro_f1"])
-            out["final_minority_recall"].append(rows[-1]["minority_recall"])
-            for key, field in (("macro_f1", "labels_f1"), ("minority_recall", "labels_recall")):
-                out[field].append(labels_to_reach(rows, key, rows[0][key] + margins[key]))
-    return summary, {"expected_share": expected, **margins}
+def _at(curve: list[dict], labels: int) -> dict | None:
+    return next((p for p in curve if p["labels"] == labels), None)
 
 
-def fmt(values: list, digits: int = 2) -> str:
-    known = [v for v in values if v is not None]
-    if not known:
-        return "not reached"
-    text = f"{statistics.mean(known):.{digits}f}"
-    text += f" ± {statistics.stdev(known):.{digits}f}" if len(known) > 1 else ""
-    missing = len(values) - len(known)
-    return text + (f" (not reached in {missing} of {len(values)} seeds)" if missing else "")
-
-
-def markdown(results: dict, noise: list[dict], settings: dict, wall_s: float) -> str:
-    summary, targets = summarize(results, noise, settings)
-    budget = settings["rounds"] * settings["budget"]
-    lines = [
-        "# Active learning against random labelling (bench/active_learning.py)", "",
-        f"Long-tailed Fashion-MNIST, ratio {settings['imbalance_ratio']:g}, minority "
-        f"{', '.join(settings['minority'])}; pool {settings['pool_per_class']}/majority class, "
-        f"as long-tailed as train (minority share {targets['expected_share']:.2%}); "
-        f"{settings['rounds']} rounds x {settings['budget']} labels; champion "
-        f"{settings['champion_epochs']} epochs, each round a warm-start fine-tune of "
-        f"{settings['retrain_epochs']} epochs on train + labels; {settings['image_size']} px; "
-        f"seeds {', '.join(sorted(map(str, results)))}; {settings.get('device', '')}; "
-        f"wall {wall_s / 60:.1f} min.", "",
-        "Minority found per label: share of minority images among the labels spent, divided by "
-        "random labelling's expected share (the pool's). Labels to target: labels spent until "
-        f"macro-F1 rose {targets['macro_f1']:.3f} / minority recall "
-        f"{targets['minority_recall']:.3f} above the champion (one std of training noise), "
-        f"within {budget} labels.", "",
-        "| strategy | minority found per label (x random) | labels to macro-F1 target "
-        "| labels to minority-recall target | final macro-F1 | final minority recall |",
-        "|---|---|---|---|---|---|"]
-    for s, r in summary.items():
-        lines.append(f"| {s} | {fmt(r['found_ratio'], 1)} | {fmt(r['labels_f1'], 0)} | "
-                     f"{fmt(r['labels_recall'], 0)} | {fmt(r['final_macro_f1'], 3)} | "
-                     f"{fmt(r['final_minority_recall'], 3)} |")
-    if noise:
-        lines += ["", f"Training noise (champion from init seeds "
-                      f"{[n['init_seed'] for n in noise]} on the same data): macro-F1 "
-                      f"{fmt([n['macro_f1'] for n in noise], 3)}, minority recall "
-                      f"{fmt([n['minority_recall'] for n in noise], 3)}."]
-    lines += ["", "Per round (labels/minority labels: macro-F1, minority recall):", ""]
-    for seed, by_strategy in results.items():
-        for s, rows in by_strategy.items():
-            cells = "; ".join(f"{r['labels']}/{r['minority_labels']}: {r['macro_f1']:.3f}, "
-                              f"{r['minority_recall']:.3f}" for r in rows)
-            lines.append(f"- seed {seed}, {s}: {cells}")
+def summarise(results: list[dict], args: argparse.Namespace) -> str:
+    seeds = [r["seed"] for r in results]
+    lines = ["# Labels to 80% of the whole-pool minority-recall gain, per strategy", "",
+             f"`python -m bench.active_learning --seeds {','.join(map(str, seeds))} "
+             f"--budget {args.budget}` on this machine (2 CPU cores). Learner: frozen "
+             f"pretrained Lite0 at {args.image_size} px, linear head with logit adjustment, "
+             "the champion's prior kept. Pool as long-tailed as train "
+             f"({results[0]['pool']} images, {results[0]['pool_minority']} minority); test: "
+             "5000 balanced. Mean ± std over seeds; [a, b] is the test-set bootstrap 95% "
+             "interval (seed 0).", "",
+             "| seed | l2 | champion macro-F1 / minority recall | whole pool labelled | "
+             "target minority recall |", "|---|---|---|---|---|"]
+    for r in results:
+        c, f = r["champion"], r["full_pool"]
+        lines.append(f"| {r['seed']} | {r['l2']:g} | {c['macro_f1']['estimate']:.3f} / "
+                     f"{c['minority_recall']['estimate']:.3f} | {f['macro_f1']['estimate']:.3f}"
+                     f" / {f['minority_recall']['estimate']:.3f} | "
+                     f"{r['target_minority_recall']:.3f} |")
+    lines += ["", f"| strategy | labels to target (per seed) | x fewer than random (per seed) "
+                  f"| minority found in {REPORT_AT} | macro-F1 at {REPORT_AT} | minority recall "
+                  f"at {REPORT_AT} | seed 0 minority recall at {REPORT_AT} [95% CI] |",
+              "|---|---|---|---|---|---|---|"]
+    for strategy in args.strategies:
+        needed, ratios, found, f1, recall = [], [], [], [], []
+        for r in results:
+            entry = r["curves"][strategy]
+            needed.append(entry["labels_to_target"])
+            base = r["curves"]["random"]["labels_to_target"] if "random" in r["curves"] else None
+            if base and entry["labels_to_target"]:
+                ratios.append(base / entry["labels_to_target"])
+            point = _at(entry["curve"], REPORT_AT)
+            if point:
+                found.append(point["minority_found"])
+                f1.append(point["macro_f1"]["estimate"])
+                recall.append(point["minority_recall"]["estimate"])
+        first = _at(results[0]["curves"][strategy]["curve"], REPORT_AT)
+        ci = first["minority_recall"] if first else None
+        needed_text = ", ".join(f"{n:.0f}" if n else f">{args.max_labels}" for n in needed)
+        lines.append(
+            f"| {strategy} | {needed_text} "
+            f"| {', '.join(f'{x:.1f}' for x in ratios) or '-'} | {_mean_std(found)} | "
+            f"{_mean_std(f1)} | {_mean_std(recall)} | "
+            + (f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else "-")
+            + " |")
     return "\n".join(lines) + "\n"
-
-
-def settings_of(args: argparse.Namespace) -> dict:
-    return {"minority": list(args.minority), "pool_per_class": args.pool_per_class,
-            "imbalance_ratio": args.imbalance_ratio, "rounds": args.rounds,
-            "budget": args.budget, "champion_epochs": args.champion_epochs,
-            "retrain_epochs": args.retrain_epochs, "image_size": args.image_size,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("reports/bench-al"),
-                        help="results.json and results.md")
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help="scenarios and model stores (default: --out)")
-    parser.add_argument("--merge", type=Path, nargs="*", default=None,
-                        help="only merge these results.json files (e.g. one per seed) into "
-                             "--out; the other flags must describe those runs")
-    parser.add_argument("--device-name", help="with --merge: where the runs ran")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/active-learning-cpu"))
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench-al"))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--strategies", default="random,least_confidence,entropy,"
-                                                "class_balanced,class_balanced+ce")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--budget", type=int, default=100)
-    parser.add_argument("--pool-per-class", type=int, default=3000)
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--budget", type=int, default=50, help="labels per round")
+    parser.add_argument("--max-labels", type=int, default=2000,
+                        help="a query strategy stops here if it has not reached the target")
+    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--imbalance-ratio", type=float, default=100.0)
+    parser.add_argument("--pool-per-class", type=int, default=3000)
     parser.add_argument("--minority", default="coat,sandal,bag")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--champion-epochs", type=int, default=8)
-    parser.add_argument("--retrain-epochs", type=int, default=3)
-    parser.add_argument("--retrain-lr", type=float, default=1e-3)
-    parser.add_argument("--noise-inits", type=int, default=3)
-    parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--source-dir", type=Path, default=fashion_mnist.DEBIAN_DIR)
     args = parser.parse_args()
-    args.seeds = [int(s) for s in args.seeds.split(",")]
     args.minority = args.minority.split(",")
+    args.strategies = args.strategies.split(",")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.merge:
-        merge(args)
-        return
-    work = args.work_dir or args.out
-    gpu = 0 if torch.cuda.is_available() else None
-    started = time.monotonic()
-    results: dict = {}
-    noise: list[dict] = []
-    for seed in args.seeds:
-        data = build_data(work, args, seed)
-        store = work / f"store-seed{seed}"
-        shutil.rmtree(store, ignore_errors=True)
-        champion = train(args, data, store, "champion", seed)
-        if seed == args.seeds[0] and args.noise_inits > 1:
-            noise.append({"init_seed": seed, **metrics(champion)})
-            for init in range(1, args.noise_inits):
-                noise.append({"init_seed": seed + init, **metrics(
-                    train(args, data, store, f"noise{init}", seed + init))})
-        results[seed] = {}
-        for strategy in args.strategies.split(","):
-            results[seed][strategy] = run_branch(args, data, store, champion, strategy, seed,
-                                                 gpu)
-            # after every branch: a run cut short still leaves what it measured
-            atomic_write_json(args.out / "results.json",
-                              {"results": results, "noise": noise, "settings": settings_of(args),
-                               "wall_s": time.monotonic() - started})
-        atomic_write_text(args.out / "results.md", markdown(
-            results, noise, settings_of(args), time.monotonic() - started))
-    print((args.out / "results.md").read_text())
-
-
-def merge(args: argparse.Namespace) -> None:
-    """One table from several runs (e.g. one seed per run, on a machine with a time limit)."""
-    results, noise, wall, settings = {}, [], 0.0, settings_of(args)
-    for path in args.merge:
-        loaded = json.loads(path.read_text())
-        results.update(loaded["results"])
-        if len(loaded["noise"]) > 1:  # one init alone is no spread (and another data seed)
-            noise += loaded["noise"]
-        wall += loaded["wall_s"]
-    if args.device_name:
-        settings["device"] = args.device_name
-    atomic_write_text(args.out / "results.md", markdown(results, noise, settings, wall))
-    atomic_write_json(args.out / "results.json", {"results": results, "noise": noise,
-                                                  "settings": settings, "wall_s": wall})
-    print((args.out / "results.md").read_text())
+    results = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        results.append(run_seed(args, seed))
+        atomic_write_json(args.out / "results.json", results)
+        atomic_write_text(args.out / "README.md", summarise(results, args))
+    print(json.dumps([{s: r["curves"][s]["labels_to_target"] for s in r["curves"]}
+                      for r in results], indent=2))
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ import numpy as np
 
 from core.capture_store import CaptureStore
 from core.model_store import ModelStore
+from core.scenario import read_pool
 from labeling.project import Project
 from labeling.push import PushOptions, choose, unlinked_candidates
 from labeling.strategies import rank
 from serving.capture import CapturePolicy, Capturer
 from serving.offline import InProcessModel
-from trainer.fashion_mnist import read_pool
 
 RANKED = ("least_confidence", "margin", "entropy", "class_balanced")
 

@@ -29,6 +29,7 @@ class Decision:
     reason: str
     champion_metrics: dict = field(default_factory=dict)
     challenger_metrics: dict = field(default_factory=dict)
+    gate: dict = field(default_factory=dict)  # split, images, rule and the paired intervals
 
 
 def resolve(store: ModelStore, name: str, version: str) -> str:

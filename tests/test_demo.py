@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_quick_demo_runs_the_whole_loop_and_reports(small_scenario, trained_version, tmp_path):
-    cfg = DemoConfig.quick(data=small_scenario, out=tmp_path / "demo", champion=trained_version,
+    cfg = DemoConfig.quick(scenario=small_scenario, out=tmp_path / "demo", champion=trained_version,
                            name="fm")
     demo = Demo(cfg)
     report = demo.run()

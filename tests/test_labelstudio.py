@@ -23,6 +23,7 @@ from PIL import Image
 from core.capture_store import connect as connect_captures
 from core.manifest import ModelManifest
 from core.ports import free_loopback_ports
+from core.scenario import read_pool
 from labeling import server
 from labeling.backend_server import BackendServer, serve_in_thread
 from labeling.client import LabelStudioUnavailable, connect
@@ -33,7 +34,6 @@ from labeling.pull import labelled_counts, pull
 from labeling.push import PushOptions, push
 from serving.capture import CapturePolicy, Capturer
 from serving.offline import InProcessModel
-from trainer.fashion_mnist import read_pool
 
 pytestmark = pytest.mark.slow
 MINORITY = ["coat", "sandal", "bag"]

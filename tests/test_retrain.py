@@ -18,11 +18,11 @@ import pytest
 from core.lock import FileLock
 from core.model_store import ModelStore
 from core.registry import Registry
+from core.scenario import read_pool
 from serving import server
 from serving.archive import package
 from serving.promote import registered_versions
 from tests.servers import free_ports, predict
-from trainer.fashion_mnist import read_pool
 from visionloop.retrain import RetrainConfig, retrain_once
 
 pytestmark = pytest.mark.slow

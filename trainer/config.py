@@ -13,6 +13,7 @@ import yaml
 # import these names.
 AUGMENT_PRESETS = ("none", "light", "standard", "strong")
 IMBALANCE_METHODS = ("none", "oversample", "class_balanced", "logit_adjust")
+LEARNERS = ("finetune", "head")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
 
@@ -30,6 +31,12 @@ class TrainConfig:
     out: str = "model_store"  # model_store root; the new version lands in out/<name>/vN
     name: str = "classifier"
     arch: str = "efficientnet_lite0"  # or any torchvision classification model name
+    # finetune: train backbone and head (epochs, lr, augment...); head: keep the backbone
+    # frozen and re-fit only the linear head on cached embeddings (trainer/head.py: seconds
+    # on a CPU; a warm start keeps its parent's logit-adjustment prior)
+    learner: str = "finetune"
+    head_l2: float | None = None  # head: L2 strength; None = chosen on val/ (head.L2_GRID)
+    embedding_cache: str = "runs/embeddings"  # head: embeddings by image sha256 + backbone
     weights: str = "DEFAULT"  # DEFAULT | none | path to a state_dict file
     parent: str | None = None  # warm start from out/<name>/<parent> (e.g. "v3") or "latest"
     image_size: int = 32  # small on purpose: CPU-friendly; use 224 on GPU for photos
@@ -62,7 +69,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {"augment": AUGMENT_PRESETS, "imbalance": IMBALANCE_METHODS,
-                   "optimizer": OPTIMIZERS,
+                   "optimizer": OPTIMIZERS, "learner": LEARNERS,
                    "schedule": SCHEDULES, "on_corrupt": ("fail", "skip"),
                    "device": ("auto", "cuda", "cpu")}
         for key, allowed in choices.items():

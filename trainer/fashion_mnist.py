@@ -121,13 +121,6 @@ def write_pool(root: Path, images: np.ndarray, labels: np.ndarray, indices: np.n
         writer.writerows(rows)
 
 
-def read_pool(root: Path) -> list[tuple[Path, str]]:
-    """(image file, true label) for every image of root/pool/, sorted by file name."""
-    with open(root / "pool_labels.csv", newline="") as f:
-        truth = {row["file"]: row["label"] for row in csv.DictReader(f)}
-    return [(path, truth[path.name]) for path in sorted((root / "pool").rglob("*.png"))]
-
-
 def build_scenario(config: ScenarioConfig) -> dict:
     """Write train/, val/, test/, pool/, pool_labels.csv and scenario.json under config.out.
 

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -36,8 +37,10 @@ from trainer.data import (
     scan_image_folder,
 )
 from trainer.distributed import DistContext, init_distributed, shutdown
+from trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
 from trainer.engine import predict_logits, train_one_epoch
 from trainer.export import export_all
+from trainer.head import fit_head, logits_of, set_head
 from trainer.metrics import (
     classification_report,
     expected_calibration_error,
@@ -282,8 +285,15 @@ class Fitter:
 def evaluate_and_calibrate(model: nn.Module, val_loader: DataLoader, test_loader: DataLoader,
                            splits: Splits, minority: list[str], ctx: DistContext) -> dict:
     val_logits, val_labels = predict_logits(model, val_loader, ctx.device)
-    temperature = fit_temperature(val_logits, val_labels)
     test_logits, test_labels = predict_logits(model, test_loader, ctx.device)
+    return metrics_from_logits(val_logits, val_labels, test_logits, test_labels, splits,
+                               minority)
+
+
+def metrics_from_logits(val_logits: torch.Tensor, val_labels: torch.Tensor,
+                        test_logits: torch.Tensor, test_labels: torch.Tensor, splits: Splits,
+                        minority: list[str]) -> dict:
+    temperature = fit_temperature(val_logits, val_labels)
     report = classification_report(test_logits, test_labels, splits.classes)
     uncalibrated = calibrated_probabilities(test_logits, 1.0)
     calibrated = calibrated_probabilities(test_logits, temperature)
@@ -298,6 +308,46 @@ def evaluate_and_calibrate(model: nn.Module, val_loader: DataLoader, test_loader
         "reliability_uncalibrated": reliability_table(uncalibrated, test_labels),
         "reliability_calibrated": reliability_table(calibrated, test_labels),
     }
+
+
+def head_prior(parent: ModelManifest | None, splits: Splits) -> list[int]:
+    """The logit-adjustment prior: a warm start keeps its parent's (so labels the loop found
+    for a rare class add evidence without shrinking its adjustment); else this train set's."""
+    if parent is not None and parent.metrics.get("prior_counts"):
+        return [int(parent.metrics["prior_counts"][c]) for c in splits.classes]
+    if parent is not None and parent.train_counts:
+        return [int(parent.train_counts[c]) for c in splits.classes]
+    return list(splits.train_counts)
+
+
+def train_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, splits: Splits,
+               prior: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Re-fit the linear head on cached embeddings of the frozen backbone; the model's head
+    is set to it. Returns val and test logits and what was chosen."""
+    if ctx.world_size > 1:
+        raise ValueError("the head learner runs in one process (it takes seconds); "
+                         "drop torchrun")
+    fingerprint = backbone_fingerprint(start.model, start.head_prefix, start.arch,
+                                       start.preprocessing)
+    cache = EmbeddingCache(Path(cfg.embedding_cache), fingerprint)
+    try:
+        features = {name: embed_files(start.model, start.head_prefix, start.preprocessing,
+                                      [p for p, _ in samples], cache, ctx.device,
+                                      cfg.batch_size * 4, cfg.num_workers)
+                    for name, samples in (("train", splits.train), ("val", splits.val),
+                                          ("test", splits.test))}
+    finally:
+        cache.close()
+    labels = {name: np.array([y for _, y in samples], dtype=np.int64) for name, samples in
+              (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+    fit = fit_head((features["train"], labels["train"]), (features["val"], labels["val"]),
+                   splits.classes, np.asarray(prior, dtype=np.float64), cfg.head_l2)
+    set_head(start.model, start.head_prefix, fit)
+    log.info("head fit on %d embeddings: l2 %g (val macro-F1 per l2: %s)", len(labels["train"]),
+             fit.l2, {k: round(v, 4) for k, v in fit.val_macro_f1.items()})
+    info = {"l2": fit.l2, "val_macro_f1_per_l2": {str(k): v for k, v in fit.val_macro_f1.items()},
+            "backbone_fingerprint": fingerprint}
+    return (logits_of(fit, features["val"]), logits_of(fit, features["test"]), info)
 
 
 def parity_batch(loader: DataLoader) -> torch.Tensor:
@@ -347,6 +397,41 @@ def write_version(cfg: TrainConfig, store: ModelStore, start: StartingPoint, spl
         raise
 
 
+def fit_and_evaluate(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, splits: Splits,
+                     loaders: tuple[DataLoader, DataLoader, DataLoader],
+                     minority: list[str]) -> dict | None:
+    """The fine-tune learner: the epoch loop, then (rank 0) the best weights' metrics."""
+    fitter = Fitter(cfg, ctx, start, splits, loaders)
+    if cfg.resume and fitter.last_path.exists():
+        fitter.resume()
+    result = fitter.fit()
+    if not ctx.is_main:
+        return None
+    start.model.load_state_dict(result.best_state)
+    metrics = evaluate_and_calibrate(start.model, loaders[1], loaders[2], splits, minority, ctx)
+    metrics["history"], metrics["best_val_macro_f1"] = result.history, result.best_val_f1
+    if cfg.imbalance == "logit_adjust":
+        metrics["prior_counts"] = metrics["train_counts"]
+    return metrics
+
+
+def fit_and_evaluate_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoint,
+                          splits: Splits, parent: ModelManifest | None,
+                          minority: list[str]) -> dict:
+    """The head learner: embeddings, head fit, metrics from the head's logits."""
+    prior = head_prior(parent, splits)
+    val_logits, test_logits, info = train_head(cfg, ctx, start, splits, prior)
+    labels = {name: torch.tensor([y for _, y in samples])
+              for name, samples in (("val", splits.val), ("test", splits.test))}
+    metrics = metrics_from_logits(val_logits, labels["val"], test_logits, labels["test"],
+                                  splits, minority)
+    metrics["head"] = info
+    metrics["prior_counts"] = dict(zip(splits.classes, prior, strict=True))
+    metrics["history"], metrics["best_val_macro_f1"] = [], info["val_macro_f1_per_l2"][
+        str(info["l2"])]
+    return metrics
+
+
 def run_training(cfg: TrainConfig) -> Path | None:
     """Train, evaluate, calibrate, export and publish; returns the version dir (rank 0)."""
     ctx = init_distributed(cfg.device)
@@ -368,16 +453,12 @@ def run_training(cfg: TrainConfig) -> Path | None:
                  ctx.world_size, ctx.device, -(-len(splits.train) // ctx.world_size))
         start = prepare_model(cfg, splits.classes, store, parent)
         loaders = make_loaders(cfg, splits, start.preprocessing, ctx)
-        fitter = Fitter(cfg, ctx, start, splits, loaders)
-        if cfg.resume and fitter.last_path.exists():
-            fitter.resume()
-        result = fitter.fit()
+        if cfg.learner == "head":
+            metrics = fit_and_evaluate_head(cfg, ctx, start, splits, parent, minority)
+        else:
+            metrics = fit_and_evaluate(cfg, ctx, start, splits, loaders, minority)
         version_dir = None
         if ctx.is_main:
-            start.model.load_state_dict(result.best_state)
-            metrics = evaluate_and_calibrate(start.model, loaders[1], loaders[2], splits,
-                                             minority, ctx)
-            metrics["history"], metrics["best_val_macro_f1"] = result.history, result.best_val_f1
             version_dir = write_version(cfg, store, start, splits, metrics,
                                         parity_batch(loaders[2]))
             log.info("published %s: test macro-F1 %.4f, ECE %.4f -> %.4f (T=%.3f)", version_dir,

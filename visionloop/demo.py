@@ -1,4 +1,5 @@
-"""`visionloop demo`: the whole loop on the long-tailed Fashion-MNIST, with real servers.
+"""`visionloop demo`: the whole loop on a scenario (core.scenario; by default the long-tailed
+Fashion-MNIST), with real servers.
 
     train the champion (pretrained backbone) -> serve it in TorchServe -> per round:
       stream a slice of the unlabeled pool through the inference endpoint (an application)
@@ -6,10 +7,13 @@
       answers them through Label Studio's API with the pool's true labels -> retrain
       (pull, challenger, gate, zero-downtime promotion)
     and, in the same run, a baseline spending the same label budget on images picked at
-    random from the same stream, fine-tuned the same way (it needs no server).
+    random from the same stream, retrained the same way (it needs no server).
 
-Everything lives under --out (default runs/demo, cleared at start): model_store/, captures/,
-labels/, Label Studio's and TorchServe's homes, and report.md + report.png at the end.
+Each branch's serving model is scored after every round on the whole test/ split through
+the served path, with bootstrap 95% intervals. Everything lives under --out (default
+runs/demo, cleared at start): model_store/, captures/, labels/, Label Studio's and
+TorchServe's homes, and report.md + report.png + report.json at the end. Embeddings are
+cached beside --out (embeddings/), so a second run skips computing them.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from core.manifest import ModelManifest
 from core.ports import free_loopback_ports
+from core.scenario import check_layout, read_pool
 from labeling import server as labelstudio_server
 from labeling.client import connect
 from labeling.project import FROM_NAME, TO_NAME, default_title, ensure_project
@@ -38,8 +45,8 @@ from serving.capture import capture_policy
 from serving.handler import ServingConfig
 from serving.server import ServerConfig
 from trainer.config import TrainConfig
-from trainer.fashion_mnist import read_pool
 from trainer.train import run_training
+from visionloop.bootstrap import Interval, intervals, paired_difference
 from visionloop.configs import DemoConfig, RetrainConfig
 from visionloop.demo_report import write_report
 from visionloop.retrain import evaluate, held_out_samples, retrain_once
@@ -55,8 +62,8 @@ class RoundResult:
     labels: int  # labels spent so far
     minority_labels: int  # of them, images of minority classes
     version: str
-    macro_f1: float
-    minority_recall: float
+    macro_f1: Interval  # on the report split (test/), bootstrap 95% interval
+    minority_recall: Interval
     ece: float
     per_class_recall: dict[str, float] = field(default_factory=dict)
     promoted: bool | None = None
@@ -70,12 +77,27 @@ class Timer:
         log.info("[%5.0fs] " + message, time.monotonic() - self.start, *args)
 
 
-def pool_truth(data: Path) -> tuple[list[Path], dict[str, str]]:
+def pool_truth(scenario: Path) -> tuple[list[Path], dict[str, str]]:
     """Pool files in a fixed shuffled order, and sha256 -> true label."""
-    pool = read_pool(data)
+    pool = read_pool(scenario)
     random.Random(0).shuffle(pool)
     return ([p for p, _ in pool],
             {hashlib.sha256(p.read_bytes()).hexdigest(): label for p, label in pool})
+
+
+def stream_sizes(pool: int, cfg: DemoConfig) -> int:
+    """Images streamed per round: the pool split evenly over the rounds unless given; refused
+    up front when a round could not offer the random baseline its budget."""
+    per_round = cfg.stream_per_round if cfg.stream_per_round is not None else pool // cfg.rounds
+    if per_round * cfg.rounds > pool:
+        raise ValueError(f"the pool has {pool} images: {cfg.rounds} rounds of "
+                         f"{per_round} need {per_round * cfg.rounds}; pass --stream-per-round "
+                         f"{pool // cfg.rounds} or less, or fewer --rounds")
+    if per_round < cfg.budget:
+        raise ValueError(f"each round streams {per_round} images, fewer than the budget of "
+                         f"{cfg.budget} labels (the pool has {pool} images for {cfg.rounds} "
+                         "rounds): lower --budget or --rounds")
+    return per_round
 
 
 def stream(url: str, files: list[Path], concurrency: int = 4) -> tuple[int, int]:
@@ -125,9 +147,15 @@ def train_champion(cfg: DemoConfig, store: Path) -> Path:
         shutil.copytree(cfg.champion, target)
         return target
     return run_training(TrainConfig(
-        data=str(cfg.data), out=str(store), name=cfg.name, image_size=cfg.image_size,
+        data=str(cfg.scenario), out=str(store), name=cfg.name, image_size=cfg.image_size,
+        learner=cfg.learner, embedding_cache=str(embedding_cache(cfg)),
         epochs=cfg.champion_epochs, freeze_epochs=min(1, cfg.champion_epochs),
         seed=cfg.seed, show_progress=False, work_dir=str(cfg.out / "work" / "champion")))
+
+
+def embedding_cache(cfg: DemoConfig) -> Path:
+    """Beside --out, not inside it: the next demo run on the same images reuses it."""
+    return cfg.out.parent / "embeddings"
 
 
 class Demo:
@@ -148,13 +176,16 @@ class Demo:
     def retrain_config(self, name: str, labels_dir: Path) -> RetrainConfig:
         c = self.cfg
         return RetrainConfig(
-            name=name, store=self.store, data=c.data, labels_dir=labels_dir,
-            capture_dir=self.captures, min_new_labels=1, epochs=c.retrain_epochs,
-            base_per_class=c.base_per_class, eval_per_class=c.eval_per_class, seed=c.seed,
+            name=name, store=self.store, data=c.scenario, labels_dir=labels_dir,
+            capture_dir=self.captures, min_new_labels=1, learner=c.learner,
+            epochs=c.retrain_epochs, base_per_class=c.base_per_class,
+            embedding_cache=embedding_cache(c), eval_per_class=c.gate_per_class, seed=c.seed,
             capture_per_minute=1_000_000, work_dir=c.out / "work" / name)
 
     def run(self) -> Path:
         out = self.cfg.out
+        check_layout(self.cfg.scenario)
+        self.per_round = stream_sizes(len(read_pool(self.cfg.scenario)), self.cfg)
         if out.exists() and any(out.iterdir()):
             if not (out / DEMO_MARKER).exists():  # never wipe a folder the demo did not make
                 raise ValueError(f"{out} exists and is not a demo directory; pick another --out")
@@ -178,22 +209,40 @@ class Demo:
         except Exception as exc:  # noqa: BLE001 - re-raised in the main thread
             started["error"] = exc
 
+    def _score(self, branch: str, round_: int, labels: list[str], version_dir: Path,
+               promoted: bool | None) -> None:
+        """Evaluate a branch's serving version on the report split (the served path), with
+        bootstrap intervals; every figure lands in report.json too."""
+        evaluation, predicted = evaluate(version_dir, self.report_samples, self.minority)
+        scores = intervals(self.report_labels, predicted, len(self.classes),
+                           [self.classes.index(c) for c in self.minority], seed=round_)
+        self.predictions[(branch, round_)] = predicted
+        self.results.append(RoundResult(
+            round_, branch, len(labels), sum(lbl in self.minority for lbl in labels),
+            version_dir.name, scores["macro_f1"], scores["minority_recall"], evaluation.ece,
+            evaluation.per_class_recall, promoted))
+        self.timer.step("round %d %s: %s, macro-F1 %s, minority recall %s", round_, branch,
+                        version_dir.name, scores["macro_f1"], scores["minority_recall"])
+
+    def _serving_dir(self, name: str, decision) -> Path:
+        version = decision.challenger if decision.promoted else decision.champion
+        return self.store / name / version
+
     def _loop(self, starter: threading.Thread, started: dict) -> Path:
         c, t = self.cfg, self.timer
-        t.step("training the champion (%d epochs, %d px)", c.champion_epochs, c.image_size)
+        t.step("training the champion (%s learner, %d px)", c.learner, c.image_size)
         champion_dir = train_champion(c, self.store)
         manifest = ModelManifest.load(champion_dir)
-        minority = list(manifest.minority_classes)
-        # the random baseline fine-tunes its own line of versions from the same champion
+        self.classes, self.minority = manifest.classes, list(manifest.minority_classes)
+        # the random baseline trains its own line of versions from the same champion
         shutil.copytree(champion_dir, self.store / f"{c.name}-random" / "v1")
-        samples = held_out_samples(c.data, manifest.classes, c.eval_per_class)
-        first = evaluate(champion_dir, samples, minority)
-        for branch in ("loop", "random"):
-            self.results.append(RoundResult(0, branch, 0, 0, "v1", first.macro_f1,
-                                            first.minority_recall, first.ece,
-                                            first.per_class_recall))
-        t.step("champion v1: macro-F1 %.3f, minority recall %.3f (%s)", first.macro_f1,
-               first.minority_recall, ", ".join(minority))
+        self.report_samples = held_out_samples(c.scenario, self.classes, c.report_per_class)
+        self.report_labels = np.array([y for _, y in self.report_samples])
+        self.predictions: dict[tuple[str, int], np.ndarray] = {}
+        self._score("loop", 0, [], champion_dir, None)
+        # both branches start from the same champion: one evaluation serves both
+        self.results.append(replace(self.results[-1], branch="random"))
+        self.predictions[("random", 0)] = self.predictions[("loop", 0)]
 
         serving = ServingConfig(capture=capture_policy(manifest, per_minute=1_000_000))
         mar = package(champion_dir, self.torchserve.model_store, "torchscript", serving=serving)
@@ -203,56 +252,63 @@ class Demo:
         if "error" in started:
             raise started["error"]
         client = connect(self.labelstudio)
-        project = ensure_project(client, default_title(c.name), manifest.classes)
+        project = ensure_project(client, default_title(c.name), self.classes)
         t.step("Label Studio up on %s, project %d", self.labelstudio.url, project.id)
 
-        files, truth = pool_truth(c.data)
+        files, truth = pool_truth(c.scenario)
         truth_by_file = {p.name: truth[hashlib.sha256(p.read_bytes()).hexdigest()]
                          for p in files}
         loop_labels: list[str] = []
         random_spent: list[str] = []
         rng = random.Random(c.seed)
+        loop_dir = champion_dir
         url = f"{self.torchserve.url('inference')}/predictions/{c.name}"
         for round_ in range(1, c.rounds + 1):
-            streamed = files[(round_ - 1) * c.stream_per_round:round_ * c.stream_per_round]
+            streamed = files[(round_ - 1) * self.per_round:round_ * self.per_round]
             ok, failed = stream(url, streamed)
             t.step("round %d: streamed %d pool images through TorchServe (%d failed)",
                    round_, ok, failed)
-            pushed = push(self.captures, client, project, c.name, minority,
+            pushed = push(self.captures, client, project, c.name, self.minority,
                           PushOptions(budget=c.budget, strategy=c.strategy, seed=round_))
             answered = annotate_as_truth(client, project.id, truth)
             loop_labels += answered
             t.step("round %d: pushed %d tasks, annotated %d (%d minority)", round_,
-                   pushed.pushed, len(answered), sum(a in minority for a in answered))
+                   pushed.pushed, len(answered), sum(a in self.minority for a in answered))
             decision = retrain_once(self.retrain_config(c.name, c.out / "labels"),
                                     self.labelstudio, self.torchserve)
-            champion = decision.challenger if decision.promoted else decision.champion
-            chosen = decision.challenger_metrics if decision.promoted else \
-                decision.champion_metrics
-            self.results.append(RoundResult(
-                round_, "loop", len(loop_labels), sum(lbl in minority for lbl in loop_labels),
-                champion, chosen["macro_f1"], chosen["minority_recall"], chosen["ece"],
-                chosen["per_class_recall"], decision.promoted))
-            t.step("round %d: %s %s (%s)", round_, decision.challenger,
-                   "promoted" if decision.promoted else "kept out", decision.reason)
+            if decision is not None:  # None: nothing was captured and labelled this round
+                t.step("round %d: %s %s (%s)", round_, decision.challenger,
+                       "promoted" if decision.promoted else "kept out", decision.reason)
+                loop_dir = self._serving_dir(c.name, decision)
+            self._score("loop", round_, loop_labels, loop_dir,
+                        decision.promoted if decision else None)
 
             random_spent += random_labels(streamed, c.budget, c.out / "labels-random",
                                           truth_by_file, rng)
+            # not gated: the baseline is what labelling at random and retraining gives
             baseline = retrain_once(replace(self.retrain_config(f"{c.name}-random",
                                                                 c.out / "labels-random"),
                                             pull=False, max_macro_f1_drop=1.0,
                                             max_minority_recall_drop=1.0))
-            m = baseline.challenger_metrics
-            self.results.append(RoundResult(
-                round_, "random", len(random_spent),
-                sum(lbl in minority for lbl in random_spent), baseline.challenger,
-                m["macro_f1"], m["minority_recall"], m["ece"], m["per_class_recall"]))
-            t.step("round %d: random baseline %s, macro-F1 %.3f", round_, baseline.challenger,
-                   self.results[-1].macro_f1)
-        report = write_report(c, self.results, minority, time.monotonic() - t.start,
-                              self.store / c.name / "registry.md")
+            self._score("random", round_, random_spent,
+                        self.store / f"{c.name}-random" / baseline.challenger, None)
+        comparison = final_comparison(self.report_labels, self.predictions, c.rounds,
+                                      self.classes, self.minority)
+        report = write_report(c, self.results, self.minority, comparison,
+                              time.monotonic() - t.start, self.store / c.name / "registry.md")
         t.step("report: %s", report)
         return report
+
+
+def final_comparison(labels: np.ndarray, predictions: dict[tuple[str, int], np.ndarray],
+                     rounds: int, classes: tuple[str, ...], minority: list[str]) -> dict:
+    """Paired intervals of the last round's loop against random and against the champion."""
+    minority_idx = [classes.index(c) for c in minority]
+    final = predictions[("loop", rounds)]
+    return {name: {k: v.to_dict() for k, v in paired_difference(
+                labels, predictions[other], final, len(classes), minority_idx).items()}
+            for name, other in (("loop_minus_random", ("random", rounds)),
+                                ("loop_minus_champion", ("loop", 0)))}
 
 
 def run_demo(cfg: DemoConfig) -> Path:

@@ -1,11 +1,16 @@
-"""The demo's report: per round and branch, labels spent, macro-F1, minority recall, ECE,
-per-class recall (minority classes marked), as markdown and a PNG."""
+"""The demo's report: per round and branch, labels spent, macro-F1 and minority recall with
+bootstrap 95% intervals, ECE, per-class recall (minority classes marked), the paired
+comparison of the final models, as markdown, a PNG and report.json (every figure)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
+
+from core.fsutil import atomic_write_text
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -16,11 +21,15 @@ def _plot(results, out: Path) -> None:
     for branch, style in (("loop", "o-"), ("random", "s--")):
         rows = [r for r in results if r.branch == branch]
         x = [r.labels for r in rows]
-        label = "loop (class-balanced uncertainty)" if branch == "loop" else "random baseline"
-        axes[0].plot(x, [r.macro_f1 for r in rows], style, label=label)
-        axes[1].plot(x, [r.minority_recall for r in rows], style, label=label)
+        label = "loop (Label Studio, gated)" if branch == "loop" else "random labels"
+        for ax, key in zip(axes[:2], ("macro_f1", "minority_recall"), strict=True):
+            values = [getattr(r, key) for r in rows]
+            ax.errorbar(x, [v.estimate for v in values],
+                        yerr=[[v.estimate - v.low for v in values],
+                              [v.high - v.estimate for v in values]],
+                        fmt=style, capsize=3, label=label)
         axes[2].plot(x, [r.minority_labels for r in rows], style, label=label)
-    for ax, title in zip(axes, ("test macro-F1", "minority-class recall",
+    for ax, title in zip(axes, ("test macro-F1 (95% CI)", "minority-class recall (95% CI)",
                                 "minority images labelled"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("labels spent")
@@ -31,27 +40,39 @@ def _plot(results, out: Path) -> None:
     plt.close(fig)
 
 
-def write_report(cfg, results, minority: list[str], wall_s: float, registry: Path) -> Path:
+def _interval(name: str, delta: dict) -> str:
+    return f"{delta['estimate']:+.4f} [{delta['low']:+.4f}, {delta['high']:+.4f}]"
+
+
+def write_report(cfg, results, minority: list[str], comparison: dict, wall_s: float,
+                 registry: Path) -> Path:
     out = Path(cfg.out)
     _plot(results, out / "report.png")
     classes = list(results[0].per_class_recall)
     header = " | ".join(f"**{c}**" if c in minority else c for c in classes)
+    test_images = cfg.report_per_class or "all"
     lines = [
         "# visionloop demo report", "",
-        f"Long-tailed Fashion-MNIST ({cfg.data}), minority classes (bold): "
-        f"{', '.join(minority)}. {cfg.rounds} rounds, {cfg.budget} labels per round, "
-        f"{cfg.stream_per_round} pool images streamed through TorchServe per round, strategy "
-        f"{cfg.strategy}; the random baseline spends the same labels on random images of the "
-        f"same stream. Test: {cfg.eval_per_class} images per class. Wall time "
-        f"{wall_s / 60:.1f} min.", "",
+        f"Scenario {cfg.scenario}, minority classes (bold): {', '.join(minority)}. "
+        f"{cfg.rounds} rounds, {cfg.budget} labels per round, pool images streamed through "
+        f"TorchServe each round, strategy {cfg.strategy}, learner {cfg.learner}; the random "
+        f"baseline spends the same labels on random images of the same stream. Scored on "
+        f"test/ ({test_images} images per class) through the served path; intervals are "
+        f"bootstrap 95%. Wall time {wall_s / 60:.1f} min.", "",
         "![curves](report.png)", "",
-        "| round | branch | labels | minority labels | version | macro-F1 | minority recall "
-        "| ECE | promoted |", "|---|---|---|---|---|---|---|---|---|"]
+        "| round | branch | labels | minority labels | version | macro-F1 [95% CI] "
+        "| minority recall [95% CI] | ECE | promoted |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         promoted = "-" if r.promoted is None else ("yes" if r.promoted else "no")
         lines.append(f"| {r.round} | {r.branch} | {r.labels} | {r.minority_labels} | "
-                     f"{r.version} | {r.macro_f1:.4f} | {r.minority_recall:.4f} | {r.ece:.4f} "
+                     f"{r.version} | {r.macro_f1} | {r.minority_recall} | {r.ece:.4f} "
                      f"| {promoted} |")
+    lines += ["", "Final models, paired bootstrap over the same test images "
+                  "(difference [95% CI]):", "",
+              "| comparison | macro-F1 | minority recall |", "|---|---|---|"]
+    for name, delta in comparison.items():
+        lines.append(f"| {name.replace('_', ' ')} | {_interval(name, delta['macro_f1'])} | "
+                     f"{_interval(name, delta['minority_recall'])} |")
     lines += ["", "Per-class recall:", "", f"| round | branch | {header} |",
               "|---|---|" + "---|" * len(classes)]
     for r in results:
@@ -61,5 +82,11 @@ def write_report(cfg, results, minority: list[str], wall_s: float, registry: Pat
         lines += ["", "## Retraining decisions (registry)", "",
                   *registry.read_text().splitlines()[2:]]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    summary = {"config": {k: str(v) if isinstance(v, Path) else v
+                          for k, v in asdict(cfg).items()},
+               "minority": minority, "wall_s": round(wall_s, 1), "comparison": comparison,
+               "rounds": [{**asdict(r), "macro_f1": r.macro_f1.to_dict(),
+                           "minority_recall": r.minority_recall.to_dict()} for r in results]}
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
     return path

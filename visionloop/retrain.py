@@ -1,12 +1,14 @@
 """`visionloop retrain`: the scheduled job that closes the loop.
 
-    lock -> pull labels -> enough new ones? -> fine-tune a challenger from the champion on
-    base data + labels -> evaluate both on the same test set -> gate -> promote or keep
+    lock -> pull labels -> enough new ones? -> train a challenger from the champion on
+    base data + labels (by default its head re-fit on cached embeddings) -> score both on
+    the gate split (val/) through the served path -> gate -> promote or keep
 
-The gate: the challenger is promoted only if its macro-F1 is not below the champion's by
-more than `max_macro_f1_drop` AND its mean minority-class recall is not below the
-champion's by more than `max_minority_recall_drop`. Every decision is appended to the
-registry (core.registry). Promotion (package, zero-downtime swap in a running
+The gate (visionloop.gate): the challenger is promoted only if the paired bootstrap
+interval of its difference to the champion rules out a macro-F1 drop larger than
+`max_macro_f1_drop` AND a minority-recall drop larger than `max_minority_recall_drop`.
+Every decision, with its intervals and the rule, is appended to the registry
+(core.registry). Promotion (package, zero-downtime swap in a running
 TorchServe, then the CHAMPION record) is the last step, so a failure or a kill anywhere
 before it leaves the champion serving; the trainer publishes a version only after its
 export parity checks pass, and labels are never modified here. A crashed run's lock is
@@ -23,6 +25,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from core.failpoints import failpoint
@@ -44,6 +47,7 @@ from trainer.config import TrainConfig
 from trainer.metrics import classification_report, expected_calibration_error
 from trainer.train import run_training
 from visionloop.configs import RetrainConfig
+from visionloop.gate import GateRule, decide
 
 log = logging.getLogger(__name__)
 
@@ -73,47 +77,47 @@ def labels_already_used(store: ModelStore, name: str) -> set[str]:
     return set(json.loads(path.read_text())["labels_trained"]) if path.exists() else set()
 
 
-def held_out_samples(data: Path, classes: tuple[str, ...],
-                     per_class: int | None) -> list[tuple[Path, int]]:
+def held_out_samples(data: Path, classes: tuple[str, ...], per_class: int | None,
+                     split: str = "test") -> list[tuple[Path, int]]:
     samples = []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (data / "test" / name).iterdir() if p.is_file())
+        files = sorted(p for p in (data / split / name).iterdir() if p.is_file())
         samples += [(p, label) for p in files[:per_class]]
     return samples
 
 
 def evaluate(version_dir: Path, samples: list[tuple[Path, int]],
-             minority: list[str]) -> Evaluation:
-    """Served-path predictions (TorchScript artifact, handler functions) on the test set."""
+             minority: list[str]) -> tuple[Evaluation, np.ndarray]:
+    """Served-path predictions (TorchScript artifact, handler functions) on held-out images:
+    the metrics, and the predicted class of each image (for paired comparisons)."""
     model = InProcessModel(version_dir)
     replies = model.predict([p.read_bytes() for p, _ in samples])
     probs = torch.tensor([r.probabilities for r in replies], dtype=torch.float64)
     labels = torch.tensor([y for _, y in samples])
     report = classification_report(probs.clamp_min(1e-12).log(), labels, model.manifest.classes)
     recall = {c: report["per_class"][c]["recall"] for c in model.manifest.classes}
-    return Evaluation(macro_f1=report["macro_f1"], accuracy=report["accuracy"],
-                      minority_recall=(sum(recall[c] for c in minority) / len(minority)
-                                       if minority else math.nan),
-                      ece=expected_calibration_error(probs.float(), labels),
-                      per_class_recall=recall)
+    evaluation = Evaluation(macro_f1=report["macro_f1"], accuracy=report["accuracy"],
+                            minority_recall=(sum(recall[c] for c in minority) / len(minority)
+                                             if minority else math.nan),
+                            ece=expected_calibration_error(probs.float(), labels),
+                            per_class_recall=recall)
+    return evaluation, probs.argmax(dim=1).numpy()
 
 
-def gate(champion: Evaluation, challenger: Evaluation, cfg: RetrainConfig) -> tuple[bool, str]:
-    f1_drop = champion.macro_f1 - challenger.macro_f1
-    recall_drop = champion.minority_recall - challenger.minority_recall
-    if f1_drop > cfg.max_macro_f1_drop:
-        return False, f"macro-F1 fell {f1_drop:.4f} (> {cfg.max_macro_f1_drop})"
-    if recall_drop > cfg.max_minority_recall_drop:
-        return False, f"minority recall fell {recall_drop:.4f} (> {cfg.max_minority_recall_drop})"
-    return True, (f"macro-F1 {-f1_drop:+.4f}, minority recall {-recall_drop:+.4f} "
-                  "within tolerance")
+def gate(labels: np.ndarray, champion: np.ndarray, challenger: np.ndarray,
+         classes: tuple[str, ...], minority: list[str],
+         cfg: RetrainConfig) -> tuple[bool, str, dict]:
+    rule = GateRule(cfg.max_macro_f1_drop, cfg.max_minority_recall_drop)
+    return decide(labels, champion, challenger, len(classes),
+                  [classes.index(c) for c in minority], rule, seed=cfg.seed)
 
 
 def train_challenger(cfg: RetrainConfig, champion: str, minority: list[str]) -> Path:
     labels = Path(cfg.labels_dir) / "images"
     train_cfg = TrainConfig(
         data=str(cfg.data), extra_train=(str(labels),) if labels.is_dir() else (),
-        out=str(cfg.store), name=cfg.name, parent=champion, epochs=cfg.epochs,
+        out=str(cfg.store), name=cfg.name, parent=champion, learner=cfg.learner,
+        embedding_cache=str(cfg.embedding_cache), epochs=cfg.epochs,
         freeze_epochs=cfg.freeze_epochs, lr=cfg.lr, base_per_class=cfg.base_per_class,
         test_per_class=cfg.eval_per_class,
         minority=tuple(minority), seed=cfg.seed, show_progress=False,
@@ -185,10 +189,13 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
         challenger_dir = train_challenger(cfg, champion, minority)
         # the attempt used these labels, promoted or not: the next run waits for new ones
         atomic_write_json(_state_path(store, cfg.name), {"labels_trained": sorted(current)})
-        samples = held_out_samples(Path(cfg.data), manifest.classes, cfg.eval_per_class)
-        champion_eval = evaluate(store.version_dir(cfg.name, champion), samples, minority)
-        challenger_eval = evaluate(challenger_dir, samples, minority)
-        promoted, reason = gate(champion_eval, challenger_eval, cfg)
+        samples = held_out_samples(Path(cfg.data), manifest.classes, cfg.eval_per_class,
+                                   split="val")
+        champion_eval, champion_pred = evaluate(store.version_dir(cfg.name, champion), samples,
+                                                minority)
+        challenger_eval, challenger_pred = evaluate(challenger_dir, samples, minority)
+        promoted, reason, evidence = gate(np.array([y for _, y in samples]), champion_pred,
+                                          challenger_pred, manifest.classes, minority, cfg)
         if promoted:
             reason += "; " + promote_version(cfg, challenger_dir.name, torchserve)
             failpoint("retrain.served")
@@ -196,7 +203,8 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
         decision = Decision(time=_now(), champion=champion, challenger=challenger_dir.name,
                             new_labels=len(new), promoted=promoted, reason=reason,
                             champion_metrics=asdict(champion_eval),
-                            challenger_metrics=asdict(challenger_eval))
+                            challenger_metrics=asdict(challenger_eval),
+                            gate={"split": "val/", **evidence})
         registry.append(decision)
         log.info("%s %s: %s", challenger_dir.name,
                  "promoted" if promoted else "not promoted", reason)
