@@ -18,7 +18,7 @@ DOCKER_COMPOSE := /usr/bin/docker-compose
 DATA := data/fashion-mnist-lt
 MINORITY := coat,sandal,bag
 
-.PHONY: setup java demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling clean-venv
+.PHONY: setup java demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling bench-loop clean-venv
 
 setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST) \
 	$(DOCKER_COMPOSE) java
@@ -88,6 +88,13 @@ bench-serving: setup
 
 bench-labeling: setup
 	$(PY) -m bench.label_strategies
+
+# Does the loop pay? Strategies vs random to 80% of the whole-pool gain, the gate's wrong
+# decisions, and the learners side by side (results in bench/results/).
+bench-loop: setup
+	$(PY) -m bench.active_learning --seeds 0,1,2
+	$(PY) -m bench.gate
+	$(PY) -m bench.learners --seeds 0,1,2
 
 clean-venv:
 	rm -rf $(VENV) $(LS_VENV)

@@ -13,7 +13,8 @@ the champion, then kept). Each strategy, in rounds of --budget labels:
   labelling without a model would;
 - label them with the true labels and re-fit the head on train + all labels so far;
 - score the test set (macro-F1, minority recall).
-Random runs in growing steps until it reaches the target (or has labelled the whole pool).
+Rounds of --budget labels (5x that after 1000 labels); random runs in doubling steps after
+300 labels until it reaches the target (or has labelled the whole pool).
 
 Reported per strategy, over seeds: labels to the target (interpolated between rounds) and
 the ratio to random's, minority images found, and macro-F1 / minority recall after 300
@@ -50,6 +51,7 @@ STRATEGIES = ("random", "least_confidence", "margin", "entropy", "class_balanced
               "class_balanced_all")  # class_balanced_all: minority share 1.0
 GAIN_FRACTION = 0.8
 REPORT_AT = 300
+LONG_RUN = 1000
 
 
 def build_data(root: Path, args: argparse.Namespace, seed: int) -> Path:
@@ -126,6 +128,16 @@ def select(learner: Learner, strategy: str, head: tuple, unlabelled: np.ndarray,
     return unlabelled[rows[order[:budget]]]
 
 
+def step_size(strategy: str, spent: int, budget: int) -> int:
+    """Rounds of `budget` labels; random doubles after REPORT_AT (it needs thousands), the
+    query strategies take 5 x budget a round after LONG_RUN labels."""
+    if spent < REPORT_AT:
+        return budget
+    if strategy == "random":
+        return max(budget, spent)
+    return budget if spent < LONG_RUN else 5 * budget
+
+
 def run_strategy(learner: Learner, strategy: str, args: argparse.Namespace, target: float,
                  seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
@@ -133,8 +145,7 @@ def run_strategy(learner: Learner, strategy: str, args: argparse.Namespace, targ
     head, curve = learner.champion, []
     while labelled.sum() < len(labelled):
         spent = int(labelled.sum())
-        step = args.budget if strategy != "random" or spent < REPORT_AT else max(args.budget,
-                                                                                 spent)
+        step = step_size(strategy, spent, args.budget)
         if spent < REPORT_AT < spent + step:
             step = REPORT_AT - spent  # a point exactly at the reported budget
         picks = select(learner, strategy, head, np.flatnonzero(~labelled), step, rng)
@@ -255,7 +266,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--budget", type=int, default=50, help="labels per round")
-    parser.add_argument("--max-labels", type=int, default=2000,
+    parser.add_argument("--max-labels", type=int, default=3000,
                         help="a query strategy stops here if it has not reached the target")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--imbalance-ratio", type=float, default=100.0)

@@ -60,3 +60,14 @@ def test_freezing_leaves_only_the_head_trainable():
     assert trainable == {"classifier.weight", "classifier.bias"}
     set_backbone_trainable(built.model, built.head_prefix, trainable=True)
     assert all(p.requires_grad for p in built.model.parameters())
+
+
+def test_small_cnn_baseline_trains_its_head_prefix_and_takes_any_size():
+    built = build_model("small_cnn", num_classes=4, weights="none")
+    assert built.head_prefix == "head." and built.mean == (0.5, 0.5, 0.5)
+    assert sum(p.numel() for p in built.model.parameters()) < 100_000
+    for size in (28, 64):
+        assert built.model(torch.zeros(2, 3, size, size)).shape == (2, 4)
+    set_backbone_trainable(built.model, built.head_prefix, trainable=False)
+    trainable = {n for n, p in built.model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"}

@@ -23,6 +23,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 LITE0 = "efficientnet_lite0"
+SMALL_CNN = "small_cnn"  # a from-scratch baseline for small images (bench/learners.py)
 IMAGENET_CLASSES = 1000
 
 
@@ -39,7 +40,7 @@ class BuiltModel:
 
 
 def available_architectures() -> list[str]:
-    return sorted([LITE0, *torchvision.models.list_models(module=torchvision.models)])
+    return sorted([LITE0, SMALL_CNN, *torchvision.models.list_models(module=torchvision.models)])
 
 
 def build_model(arch: str, num_classes: int, weights: str = "DEFAULT") -> BuiltModel:
@@ -48,11 +49,32 @@ def build_model(arch: str, num_classes: int, weights: str = "DEFAULT") -> BuiltM
         raise ModelError(f"num_classes must be >= 2, got {num_classes}")
     if arch == LITE0:
         return _build_lite0(num_classes, weights)
+    if arch == SMALL_CNN:
+        return _build_small_cnn(num_classes, weights)
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise ModelError(
             f"unknown architecture {arch!r}; choose from: {', '.join(available_architectures())}"
         )
     return _build_torchvision(arch, num_classes, weights)
+
+
+def _build_small_cnn(num_classes: int, weights: str) -> BuiltModel:
+    """Four 3x3 conv layers (32, 32, 64, 64 channels) with BatchNorm, two poolings, global
+    average pooling and a linear head: ~66k parameters, trained from scratch. No pretrained
+    weights exist, so DEFAULT means random init too; a file path loads a state_dict."""
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True)]
+
+    features = nn.Sequential(*block(3, 32), *block(32, 32), nn.MaxPool2d(2),
+                             *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = nn.Sequential()
+    model.add_module("features", features)
+    model.add_module("head", nn.Linear(64, num_classes))
+    if weights not in ("DEFAULT", "none"):
+        _load_backbone(model, _load_state_dict(_check_weights_file(weights)), source=weights)
+    return BuiltModel(model, "head.", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def _check_weights_file(weights: str) -> Path:

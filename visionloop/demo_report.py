@@ -40,7 +40,7 @@ def _plot(results, out: Path) -> None:
     plt.close(fig)
 
 
-def _interval(name: str, delta: dict) -> str:
+def _delta(delta: dict) -> str:
     return f"{delta['estimate']:+.4f} [{delta['low']:+.4f}, {delta['high']:+.4f}]"
 
 
@@ -71,8 +71,8 @@ def write_report(cfg, results, minority: list[str], comparison: dict, wall_s: fl
                   "(difference [95% CI]):", "",
               "| comparison | macro-F1 | minority recall |", "|---|---|---|"]
     for name, delta in comparison.items():
-        lines.append(f"| {name.replace('_', ' ')} | {_interval(name, delta['macro_f1'])} | "
-                     f"{_interval(name, delta['minority_recall'])} |")
+        lines.append(f"| {name.replace('_', ' ')} | {_delta(delta['macro_f1'])} | "
+                     f"{_delta(delta['minority_recall'])} |")
     lines += ["", "Per-class recall:", "", f"| round | branch | {header} |",
               "|---|---|" + "---|" * len(classes)]
     for r in results:

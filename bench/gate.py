@@ -1,0 +1,110 @@
+"""How often does the retrain gate decide wrongly? Repeated noise-only retrains on the same
+data, judged by the gate on val/ and checked against the 5000-image test split.
+
+The champion is the product's head learner on the long-tailed Fashion-MNIST scenario (seed
+0 of bench.active_learning, same embeddings). Each challenger re-fits the head on a
+bootstrap resample of the same training set (plus, for half of them, the pool's minority
+images: a challenger that should be better), so the challengers differ by training noise
+and some by real gains. The gate (visionloop.gate, the retrain's margins) sees only val/;
+the "truth" is the paired difference on test/:
+- truly worse: test delta of macro-F1 below -margin or of minority recall below -margin;
+- truly better: test delta >= 0 on both.
+Reported: promoted among the truly worse (false promotion), kept out among the truly
+better (false rejection), and the counts.
+
+    python -m bench.gate --challengers 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from bench.active_learning import Learner, build_data, embeddings
+from core.fsutil import atomic_write_text
+from core.scenario import class_names
+from trainer import fashion_mnist
+from trainer.head import fit_linear_head
+from visionloop.bootstrap import paired_difference
+from visionloop.configs import RetrainConfig
+from visionloop.gate import GateRule, decide
+
+log = logging.getLogger("bench.gate")
+
+
+def predictions(learner: Learner, head: tuple, split: str) -> np.ndarray:
+    return (learner.x[split] @ head[0].T + head[1]).argmax(axis=1)
+
+
+def challenger(learner: Learner, rng: np.random.Generator, with_minority: bool) -> tuple:
+    rows = rng.integers(0, len(learner.train_y), len(learner.train_y))
+    x, y = learner.x["train"][rows], learner.train_y[rows]
+    if with_minority:
+        found = np.isin(learner.y["pool"], learner.minority)
+        x = np.concatenate([x, learner.x["pool"][found]])
+        y = np.concatenate([y, learner.y["pool"][found]])
+    return fit_linear_head(x, y, learner.prior, l2=learner.l2, init=learner.champion)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--challengers", type=int, default=60)
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench-al"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/gate-cpu.md"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    scenario = argparse.Namespace(minority=["coat", "sandal", "bag"], imbalance_ratio=100.0,
+                                  pool_per_class=3000, source_dir=fashion_mnist.DEBIAN_DIR)
+    data = build_data(args.work_dir, scenario, 0)
+    classes = class_names(data)
+    minority = [classes.index(c) for c in scenario.minority]
+    learner = Learner(embeddings(data, args.work_dir / "embeddings", 64), classes, minority)
+    defaults = RetrainConfig()
+    rule = GateRule(defaults.max_macro_f1_drop, defaults.max_minority_recall_drop)
+    margin = {"macro_f1": rule.max_macro_f1_drop,
+              "minority_recall": rule.max_minority_recall_drop}
+    champion = {s: predictions(learner, learner.champion, s) for s in ("val", "test")}
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(args.challengers):
+        head = challenger(learner, rng, with_minority=i % 2 == 1)
+        pred = {s: predictions(learner, head, s) for s in ("val", "test")}
+        promoted, _, _ = decide(learner.y["val"], champion["val"], pred["val"], len(classes),
+                                minority, rule, seed=i)
+        truth = paired_difference(learner.y["test"], champion["test"], pred["test"],
+                                  len(classes), minority, resamples=10, seed=i)
+        worse = any(truth[k].estimate < -margin[k] for k in margin)
+        better = all(truth[k].estimate >= 0 for k in margin)
+        rows.append((i % 2 == 1, promoted, worse, better, truth["macro_f1"].estimate,
+                     truth["minority_recall"].estimate))
+        log.info("challenger %d: promoted %s, test delta macro-F1 %+.4f, minority recall "
+                 "%+.4f", i, promoted, rows[-1][4], rows[-1][5])
+    worse = [r for r in rows if r[2]]
+    better = [r for r in rows if r[3]]
+    lines = ["# The gate's wrong decisions over noise-only retrains", "",
+             f"`python -m bench.gate --challengers {args.challengers}`: {len(rows)} challengers "
+             "(head re-fit on a bootstrap resample of the training set; every second one also "
+             "with the pool's 90 minority images), gate on val/ (1000 images), truth on test/ "
+             f"(5000). Rule: {rule.describe()}.", "",
+             "| | challengers | promoted | kept out |", "|---|---|---|---|",
+             f"| truly worse (test delta below -margin) | {len(worse)} | "
+             f"{sum(r[1] for r in worse)} | {sum(not r[1] for r in worse)} |",
+             f"| truly better (test delta >= 0 on both) | {len(better)} | "
+             f"{sum(r[1] for r in better)} | {sum(not r[1] for r in better)} |",
+             f"| all | {len(rows)} | {sum(r[1] for r in rows)} | "
+             f"{sum(not r[1] for r in rows)} |", "",
+             f"False promotion rate: {sum(r[1] for r in worse)}/{len(worse)}; false rejection "
+             f"rate: {sum(not r[1] for r in better)}/{len(better)}.", "",
+             "| challenger | + pool minority | promoted | test delta macro-F1 | "
+             "test delta minority recall |", "|---|---|---|---|---|"]
+    lines += [f"| {i} | {'yes' if r[0] else 'no'} | {'yes' if r[1] else 'no'} | {r[4]:+.4f} | "
+              f"{r[5]:+.4f} |" for i, r in enumerate(rows)]
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    print("\n".join(lines[:12]))
+
+
+if __name__ == "__main__":
+    main()
