@@ -54,6 +54,12 @@ REPORT_AT = 300
 LONG_RUN = 1000
 
 
+def default_scenario() -> argparse.Namespace:
+    """The scenario options main() defaults to, for the benches that reuse its data."""
+    return argparse.Namespace(minority=["coat", "sandal", "bag"], imbalance_ratio=100.0,
+                              pool_per_class=3000, source_dir=fashion_mnist.DEBIAN_DIR)
+
+
 def build_data(root: Path, args: argparse.Namespace, seed: int) -> Path:
     out = root / f"data-seed{seed}"
     if not (out / "scenario.json").exists():

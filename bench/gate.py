@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.active_learning import Learner, build_data, embeddings
+from bench.active_learning import Learner, build_data, default_scenario, embeddings
 from core.fsutil import atomic_write_text
 from core.scenario import class_names
-from trainer import fashion_mnist
 from trainer.head import fit_linear_head
 from visionloop.bootstrap import paired_difference
 from visionloop.configs import RetrainConfig
@@ -56,8 +55,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/gate-cpu.md"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    scenario = argparse.Namespace(minority=["coat", "sandal", "bag"], imbalance_ratio=100.0,
-                                  pool_per_class=3000, source_dir=fashion_mnist.DEBIAN_DIR)
+    scenario = default_scenario()
     data = build_data(args.work_dir, scenario, 0)
     classes = class_names(data)
     minority = [classes.index(c) for c in scenario.minority]

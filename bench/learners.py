@@ -23,10 +23,9 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.active_learning import build_data
+from bench.active_learning import build_data, default_scenario
 from core.fsutil import atomic_write_json, atomic_write_text
 from core.manifest import ModelManifest
-from trainer import fashion_mnist
 from trainer.config import TrainConfig
 from trainer.train import run_training
 
@@ -62,8 +61,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/learners-cpu"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    scenario = argparse.Namespace(minority=["coat", "sandal", "bag"], imbalance_ratio=100.0,
-                                  pool_per_class=3000, source_dir=fashion_mnist.DEBIAN_DIR)
+    scenario = default_scenario()
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "results.json"
