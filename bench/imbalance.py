@@ -54,7 +54,8 @@ def variants() -> list[tuple[str, str, str, str]]:
 def run_one(data: Path, store: Path, method: str, weights: str, seed: int,
             args: argparse.Namespace) -> dict:
     cfg = TrainConfig(data=str(data), out=str(store), name=f"bench-{method}-{weights}",
-                      arch=args.arch, weights=weights, imbalance=method, epochs=args.epochs,
+                      learner="finetune", arch=args.arch, weights=weights, imbalance=method,
+                      epochs=args.epochs,
                       freeze_epochs=args.freeze_epochs, image_size=args.image_size,
                       minority=tuple(args.minority), seed=seed, num_workers=args.num_workers,
                       work_dir=str(store / "runs" / f"{method}-{weights}-{seed}"),

@@ -23,12 +23,13 @@ def small_scenario(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_version(small_scenario: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real training run on the small scenario (pretrained Lite0, 32 px), published."""
+    """A real fine-tune on the small scenario (pretrained Lite0, 32 px), published."""
     from trainer.config import TrainConfig
     from trainer.train import run_training
 
     store = tmp_path_factory.mktemp("store")
     cfg = TrainConfig(data=str(small_scenario), out=str(store), name="fm", epochs=4,
+                      learner="finetune", image_size=32,
                       freeze_epochs=1, batch_size=32, num_workers=0, show_progress=False,
                       minority=MINORITY, work_dir=str(store / "runs"))
     return run_training(cfg)

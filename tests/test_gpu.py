@@ -13,6 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_training_on_gpu_with_bf16_autocast_and_channels_last(small_scenario, tmp_path):
     cfg = TrainConfig(data=str(small_scenario), out=str(tmp_path), name="gpu", epochs=4,
+                      learner="finetune", image_size=32,
                       batch_size=32, device="cuda", amp=True, channels_last=True, num_workers=2,
                       show_progress=False, work_dir=str(tmp_path / "runs"))
     manifest = ModelManifest.load(run_training(cfg))

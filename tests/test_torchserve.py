@@ -144,8 +144,9 @@ def test_promotion_under_load_drops_no_request(trained_version, small_scenario, 
     store = tmp_path / "store"
     shutil.copytree(trained_version, store / "fm" / "v1")
     v2 = run_training(TrainConfig(data=str(small_scenario), out=str(store), name="fm",
-                                  parent="v1", epochs=1, freeze_epochs=0, num_workers=0,
-                                  show_progress=False, work_dir=str(tmp_path / "runs")))
+                                  parent="v1", learner="finetune", epochs=1, freeze_epochs=0,
+                                  num_workers=0, show_progress=False,
+                                  work_dir=str(tmp_path / "runs")))
     cfg = server.ServerConfig(home=tmp_path / "ts", model_store=tmp_path / "mars",
                               capture_dir=tmp_path / "captures", **free_ports())
     (tmp_path / "ts").mkdir()

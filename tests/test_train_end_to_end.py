@@ -19,6 +19,7 @@ from core.manifest import ModelManifest
 from core.preprocess import preprocess_image
 from trainer.config import TrainConfig
 from trainer.export import PARITY_TOLERANCE
+from trainer.head import L2_GRID
 from trainer.train import run_training
 from visionloop.cli import main as cli_main
 
@@ -76,8 +77,8 @@ def test_warm_start_from_parent_and_class_mismatch(trained_version: Path, small_
                                                    tmp_path):
     store = trained_version.parent.parent
     cfg = TrainConfig(data=str(small_scenario), out=str(store), name="fm", parent="latest",
-                      epochs=1, freeze_epochs=0, num_workers=0, show_progress=False,
-                      work_dir=str(tmp_path / "runs"))
+                      learner="finetune", epochs=1, freeze_epochs=0, num_workers=0,
+                      show_progress=False, work_dir=str(tmp_path / "runs"))
     child = ModelManifest.load(run_training(cfg))
     assert child.version == "v2" and child.parent_version == "v1"
     assert child.metrics["test"]["accuracy"] > 4 * CHANCE  # started from a trained model
@@ -91,8 +92,8 @@ def test_warm_start_from_parent_and_class_mismatch(trained_version: Path, small_
 
 def test_resume_continues_after_the_last_completed_epoch(small_scenario, tmp_path):
     common = dict(data=str(small_scenario), out=str(tmp_path / "store"), name="fm",
-                  freeze_epochs=1, num_workers=0, show_progress=False,
-                  work_dir=str(tmp_path / "runs"), batch_size=64)
+                  learner="finetune", image_size=32, freeze_epochs=1, num_workers=0,
+                  show_progress=False, work_dir=str(tmp_path / "runs"), batch_size=64)
     run_training(TrainConfig(epochs=1, **common))
     meta = json.loads((tmp_path / "runs" / "last.json").read_text())
     assert meta["epoch"] == 0 and len(meta["history"]) == 1
@@ -132,7 +133,8 @@ def test_two_process_ddp_run_on_cpu(small_scenario, tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "visionloop.cli", "train", "--data", str(small_scenario),
-           "--out", str(tmp_path / "store"), "--name", "ddp", "--epochs", "3", "--batch-size", "16",
+           "--out", str(tmp_path / "store"), "--name", "ddp", "--learner", "finetune",
+           "--image-size", "32", "--epochs", "3", "--batch-size", "16",
            "--num-workers", "0", "--device", "cpu", "--no-show-progress",
            "--work-dir", str(tmp_path / "runs")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -143,3 +145,23 @@ def test_two_process_ddp_run_on_cpu(small_scenario, tmp_path):
     assert manifest.metrics["test"]["accuracy"] > 3 * CHANCE
     # Each rank saw half of an epoch: the sampler sharded the data between them.
     assert "per rank 225 images/epoch" in result.stderr
+
+
+def test_default_head_learner_fits_on_cached_embeddings_and_keeps_the_prior(small_scenario,
+                                                                            tmp_path):
+    """The default learner: the frozen backbone's embeddings are cached, the head is fit,
+    exported like any version; a warm start with more labels keeps its parent's prior."""
+    common = dict(data=str(small_scenario), out=str(tmp_path / "store"), name="head",
+                  num_workers=0, show_progress=False, work_dir=str(tmp_path / "runs"),
+                  embedding_cache=str(tmp_path / "embeddings"))
+    parent = ModelManifest.load(run_training(TrainConfig(**common)))
+    assert parent.training_config["learner"] == "head" and parent.preprocessing.image_size == 64
+    assert parent.metrics["head"]["l2"] in L2_GRID
+    assert parent.metrics["test"]["accuracy"] > 4 * CHANCE
+    assert parent.artifacts["onnx"].max_abs_diff < PARITY_TOLERANCE
+    assert len(list((tmp_path / "embeddings").glob("*.sqlite3"))) == 1
+    child = ModelManifest.load(run_training(TrainConfig(
+        parent="latest", extra_train=(str(small_scenario / "val"),), **common)))
+    assert child.parent_version == parent.version
+    assert child.train_counts != parent.train_counts  # the val images were added
+    assert child.metrics["prior_counts"] == parent.metrics["prior_counts"]
