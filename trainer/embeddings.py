@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from core.db import open_wal, transaction
+from core.fsutil import sha256_file
 from core.manifest import Preprocessing
 from core.preprocess import preprocess_image
 from trainer.data import ImageListDataset
@@ -95,16 +96,12 @@ class EmbeddingCache:
                               for sha, v in zip(shas, vectors, strict=True)])
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def embed_files(model: nn.Module, head_prefix: str, pre: Preprocessing, files: list[Path],
                 cache: EmbeddingCache, device: torch.device, batch_size: int = 256,
                 num_workers: int = 0) -> np.ndarray:
     """[len(files), D] float32 embeddings: from the cache where known, else computed in
     batches (each batch committed as it is done) with a progress line per ~10 s."""
-    shas = [file_sha256(p) for p in files]
+    shas = [sha256_file(p) for p in files]
     known = cache.get(sorted(set(shas)))
     missing: dict[str, Path] = {}
     for sha, path in zip(shas, files, strict=True):

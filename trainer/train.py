@@ -321,6 +321,7 @@ def head_prior(parent: ModelManifest | None, splits: Splits) -> list[int]:
 
 
 def train_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, splits: Splits,
+               labels: dict[str, np.ndarray],
                prior: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Re-fit the linear head on cached embeddings of the frozen backbone; the model's head
     is set to it. Returns val and test logits and what was chosen."""
@@ -338,8 +339,6 @@ def train_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, splits:
                                           ("test", splits.test))}
     finally:
         cache.close()
-    labels = {name: np.array([y for _, y in samples], dtype=np.int64) for name, samples in
-              (("train", splits.train), ("val", splits.val), ("test", splits.test))}
     fit = fit_head((features["train"], labels["train"]), (features["val"], labels["val"]),
                    splits.classes, np.asarray(prior, dtype=np.float64), cfg.head_l2)
     set_head(start.model, start.head_prefix, fit)
@@ -420,11 +419,11 @@ def fit_and_evaluate_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoi
                           minority: list[str]) -> dict:
     """The head learner: embeddings, head fit, metrics from the head's logits."""
     prior = head_prior(parent, splits)
-    val_logits, test_logits, info = train_head(cfg, ctx, start, splits, prior)
-    labels = {name: torch.tensor([y for _, y in samples])
-              for name, samples in (("val", splits.val), ("test", splits.test))}
-    metrics = metrics_from_logits(val_logits, labels["val"], test_logits, labels["test"],
-                                  splits, minority)
+    labels = {name: np.array([y for _, y in samples], dtype=np.int64) for name, samples in
+              (("train", splits.train), ("val", splits.val), ("test", splits.test))}
+    val_logits, test_logits, info = train_head(cfg, ctx, start, splits, labels, prior)
+    metrics = metrics_from_logits(val_logits, torch.from_numpy(labels["val"]), test_logits,
+                                  torch.from_numpy(labels["test"]), splits, minority)
     metrics["head"] = info
     metrics["prior_counts"] = dict(zip(splits.classes, prior, strict=True))
     metrics["history"], metrics["best_val_macro_f1"] = [], info["val_macro_f1_per_l2"][
