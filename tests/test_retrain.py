@@ -103,9 +103,13 @@ def test_worse_challenger_is_kept_out_and_a_good_one_serves_the_next_request(
 
     right = tmp_path / "labels"
     write_labels(right, small_scenario)
-    # val/ of the small scenario has 20 images per minority class: the paired interval of
-    # minority recall is about +-0.09 wide, so this run allows a 0.05 margin
-    good = retrain_once(config(store, small_scenario, right, max_minority_recall_drop=0.05),
+    # This half tests what promotion does, not the gate's rule (tests/test_loop_parts.py,
+    # measured in bench/gate.py). The small scenario's val/ has 200 images: the paired 95%
+    # interval of a 2-epoch fine-tune on the true labels spans about +-0.07 macro-F1 and
+    # +-0.13 minority recall (CI saw [-0.052, +0.095] and [-0.110, +0.146]), so the
+    # default margins would keep out a challenger no worse than its champion.
+    good = retrain_once(config(store, small_scenario, right, max_macro_f1_drop=0.15,
+                               max_minority_recall_drop=0.3),
                         torchserve=torchserve)
     assert good is not None and good.promoted, good
     assert good.champion == "v1" and good.challenger == "v3"

@@ -184,11 +184,12 @@ class Demo:
 
     def run(self) -> Path:
         out = self.cfg.out
+        wipe = out.exists() and any(out.iterdir())
+        if wipe and not (out / DEMO_MARKER).exists():  # never wipe a folder the demo did not make
+            raise ValueError(f"{out} exists and is not a demo directory; pick another --out")
         check_layout(self.cfg.scenario)
         self.per_round = stream_sizes(len(read_pool(self.cfg.scenario)), self.cfg)
-        if out.exists() and any(out.iterdir()):
-            if not (out / DEMO_MARKER).exists():  # never wipe a folder the demo did not make
-                raise ValueError(f"{out} exists and is not a demo directory; pick another --out")
+        if wipe:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / DEMO_MARKER).write_text("made by visionloop demo; cleared by the next run\n")
