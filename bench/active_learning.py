@@ -47,8 +47,9 @@ from trainer.models import LITE0, build_model
 from visionloop.bootstrap import intervals
 
 log = logging.getLogger("bench.active_learning")
+# <strategy>_all: the minority share at 1.0 instead of push's default 0.5
 STRATEGIES = ("random", "least_confidence", "margin", "entropy", "class_balanced",
-              "class_balanced_all")  # class_balanced_all: minority share 1.0
+              "class_balanced_all", "minority_boundary", "minority_boundary_all")
 GAIN_FRACTION = 0.8
 REPORT_AT = 300
 LONG_RUN = 1000
@@ -128,7 +129,7 @@ def select(learner: Learner, strategy: str, head: tuple, unlabelled: np.ndarray,
     captured = (probs.max(axis=1) < CAPTURE_BELOW) | np.isin(probs.argmax(axis=1),
                                                             learner.minority)
     rows = np.flatnonzero(captured)
-    share = 1.0 if strategy == "class_balanced_all" else 0.5
+    share = 1.0 if strategy.endswith("_all") else 0.5
     order = rank(probs[rows], strategy.removesuffix("_all"), budget=budget,
                  minority=learner.minority, minority_share=share)
     return unlabelled[rows[order[:budget]]]

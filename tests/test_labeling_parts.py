@@ -44,6 +44,27 @@ def test_class_balanced_reserves_its_share_for_minority_mass():
         rank(PROBS, "bald", budget=2)
 
 
+def test_minority_boundary_takes_both_sides_of_each_minority_decision():
+    probs = np.array([
+        [0.60, 0.30, 0.10],  # 0 called class 0; class 2 well below
+        [0.20, 0.20, 0.60],  # 1 called class 2, far above its boundary
+        [0.50, 0.45, 0.05],  # 2 nearest class 1's boundary, below it
+        [0.90, 0.05, 0.05],  # 3 confident majority
+        [0.48, 0.04, 0.48],  # 4 on class 2's boundary
+    ])
+    # class 2: the nearest above (4), the nearest below (0); then least confidence
+    assert rank(probs, "minority_boundary", budget=3, minority=[2],
+                minority_share=0.5).tolist() == [4, 0, 2, 1, 3]
+    # round-robin over (class, side); class 1 is never predicted (cold start): its
+    # below side still gives the image nearest its boundary
+    assert rank(probs, "minority_boundary", budget=3, minority=[1, 2],
+                minority_share=1.0)[:3].tolist() == [2, 4, 0]
+    assert sorted(rank(probs, "minority_boundary", budget=5, minority=[1, 2],
+                       minority_share=1.0).tolist()) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="minority share"):
+        rank(probs, "minority_boundary", budget=3, minority=[2], minority_share=1.5)
+
+
 def test_minority_rule_is_half_the_median():
     assert minority_classes({"a": 100, "b": 90, "c": 40, "d": 10}) == ["d"]
     assert minority_classes({"a": 10, "b": 10}) == []
