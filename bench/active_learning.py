@@ -215,6 +215,17 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
+def _ratios_text(ratios: list[float], seeds: int) -> str:
+    """Per-seed ratios and, when every seed reached the target, their geometric mean: the
+    ratio a user should expect, since the per-seed ratios differ by a factor of ten."""
+    if not ratios:
+        return "-"
+    text = ", ".join(f"{x:.1f}" for x in ratios)
+    if len(ratios) == seeds > 1:
+        text += f" (geometric mean {statistics.geometric_mean(ratios):.1f})"
+    return text
+
+
 def _at(curve: list[dict], labels: int) -> dict | None:
     return next((p for p in curve if p["labels"] == labels), None)
 
@@ -259,7 +270,7 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
         needed_text = ", ".join(f"{n:.0f}" if n else f">{args.max_labels}" for n in needed)
         lines.append(
             f"| {strategy} | {needed_text} "
-            f"| {', '.join(f'{x:.1f}' for x in ratios) or '-'} | {_mean_std(found)} | "
+            f"| {_ratios_text(ratios, len(results))} | {_mean_std(found)} | "
             f"{_mean_std(f1)} | {_mean_std(recall)} | "
             + (f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else "-")
             + " |")
@@ -280,9 +291,16 @@ def main() -> None:
     parser.add_argument("--pool-per-class", type=int, default=3000)
     parser.add_argument("--minority", default="coat,sandal,bag")
     parser.add_argument("--source-dir", type=Path, default=fashion_mnist.DEBIAN_DIR)
+    parser.add_argument("--summarise", type=Path, metavar="RESULTS_JSON",
+                        help="only rewrite README.md beside an earlier run's results.json")
     args = parser.parse_args()
     args.minority = args.minority.split(",")
     args.strategies = args.strategies.split(",")
+    if args.summarise:
+        results = json.loads(args.summarise.read_text())
+        args.strategies = [s for s in STRATEGIES if s in results[0]["curves"]]
+        atomic_write_text(args.summarise.parent / "README.md", summarise(results, args))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,13 @@ def minority_boundary(probs: np.ndarray, minority: list[int], budget: int,
     A model that never predicts a minority class (cold start) still has a "below" side.
     DIRECT locates the flip from the labels it has; the calibrated, logit-adjusted
     probabilities put it at 0 here. The rest of the order is least confidence.
+
+    Measured (bench.active_learning, seed 0, a pool as long-tailed as train, 1:100): it
+    found 2 minority images in 300 labels where class_balanced found 57. The logit-adjusted
+    boundary is where the *balanced* posterior flips; in such a pool the true odds there are
+    about 1:100, so both sides are mostly majority look-alikes. The place where the pool's
+    own posterior flips is the top of the minority-mass order, which class_balanced takes.
+    Use it where the pool is close to balanced.
     """
     if not minority or budget <= 0:
         return _descending(least_confidence(probs))
