@@ -1,11 +1,17 @@
 """One small HTTP server for Label Studio to call: the ML-backend protocol and webhooks.
 
-    GET  /health    {"status": "UP", "model_version": ...}
+    GET  /health    {"status": "UP"} (+ "model_version" for an authorised caller)
     POST /setup     Label Studio connects a project -> {"model_version": ...}
     POST /predict   {"tasks": [...]} -> {"results": [{result, score, model_version}, ...]}
-    POST /webhook   annotation events (project webhooks and ML-backend events alike)
+    POST /webhook   annotation events (project webhooks and ML-backend events alike) and
+                    START_TRAINING ("Start Training" in Label Studio: retrain at once)
+    POST /train     the same START_TRAINING, as Label Studio sends it with its webhook
+                    feature flag off
 
-Bound to loopback by default; Label Studio must be told it may call local URLs
+Every call but /health needs the shared secret: as HTTP basic auth (any user name; Label
+Studio's ML-backend "basic auth" setting) or in the X-Visionloop-Secret header (Label
+Studio's custom webhook headers). Without it: 401, counted in the events file, nothing
+run. Bound to loopback by default; Label Studio must be told it may call local URLs
 (labeling.server does that).
 """
 
@@ -16,7 +22,8 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from labeling.events import ANNOTATION_EVENTS, RetrainTrigger
+from labeling.backend_auth import SECRET_HEADER, authorised
+from labeling.events import ANNOTATION_EVENTS, START_TRAINING, RetrainTrigger
 from labeling.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -28,9 +35,11 @@ class BackendServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], predictor: Predictor | None,
-                 trigger: RetrainTrigger) -> None:
+                 trigger: RetrainTrigger, secret: str) -> None:
+        if len(secret) < 16:
+            raise ValueError("the backend's shared secret must have at least 16 characters")
         super().__init__(address, _Handler)
-        self.predictor, self.trigger = predictor, trigger
+        self.predictor, self.trigger, self.secret = predictor, trigger, secret
         self.predict_lock = threading.Lock()  # one model, one batch at a time
 
     @property
@@ -45,9 +54,11 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args: object) -> None:
         log.debug("%s " + fmt, self.address_string(), *args)
 
-    def _reply(self, status: int, body: dict) -> None:
+    def _reply(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -71,24 +82,38 @@ class _Handler(BaseHTTPRequestHandler):
     def _model_version(self) -> str | None:
         return self.server.predictor.model_version if self.server.predictor else None
 
+    def _authorised(self, route: str) -> bool:
+        if authorised(self.headers, self.server.secret):
+            return True
+        self.server.trigger.refuse(route)
+        log.warning("refused %s from %s: missing or wrong secret", route, self.address_string())
+        self._reply(401, {"error": f"send the shared secret (basic auth or {SECRET_HEADER})"},
+                    {"WWW-Authenticate": 'Basic realm="visionloop"'})
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        if self.path.rstrip("/") == "/health":
-            self._reply(200, {"status": "UP", "model_class": "visionloop",
-                              "model_version": self._model_version()})
-        else:
+        if self.path.rstrip("/") != "/health":
             self._reply(404, {"error": f"no route {self.path}"})
+            return
+        health = {"status": "UP", "model_class": "visionloop"}
+        if authorised(self.headers, self.server.secret):  # liveness probes need no secret
+            health["model_version"] = self._model_version()
+        self._reply(200, health)
 
     def do_POST(self) -> None:  # noqa: N802
         route = self.path.rstrip("/")
-        if route not in ("/setup", "/predict", "/webhook"):
+        if route not in ("/setup", "/predict", "/webhook", "/train"):
             self._reply(404, {"error": f"no route {self.path}"})
+            return
+        if not self._authorised(route):
             return
         body = self._body()
         if body is None:
             return
-        if route == "/webhook":
-            action = str(body.get("action", ""))
-            started = action in ANNOTATION_EVENTS and self.server.trigger.record(action)
+        if route in ("/webhook", "/train"):
+            action = START_TRAINING if route == "/train" else str(body.get("action", ""))
+            started = (action in (*ANNOTATION_EVENTS, START_TRAINING)
+                       and self.server.trigger.record(action))
             self._reply(200, {"status": "ok", "retrain_started": started})
             return
         predictor = self.server.predictor

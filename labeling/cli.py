@@ -19,7 +19,7 @@ from core.registry import resolve
 from labeling import server
 from labeling.dedupe import NEAR_DUPLICATE_CORRELATION
 from labeling.push_options import TRANSPORTS
-from labeling.server import LabelStudioConfig, api_token
+from labeling.server import LabelStudioConfig, api_token, backend_secret
 from labeling.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,11 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
                          help="annotation events that start --retrain-command")
     backend.add_argument("--retrain-command", default=None,
                          help="command run in the background past the threshold")
-    for command in (push, pull, backend):
+    connect = sub.add_parser("connect", help="point the project's ML backend and annotation "
+                                             "webhook at `visionloop label backend`")
+    connect.add_argument("--backend-url", default="http://127.0.0.1:9090",
+                         help="where Label Studio reaches `visionloop label backend`")
+    for command in (push, pull, backend, connect):
         add_model_arguments(command)
         add_server_arguments(command)
 
@@ -143,7 +147,7 @@ def _backend(args: argparse.Namespace) -> int:
     command = shlex.split(args.retrain_command) if args.retrain_command else None
     args.labels_dir.mkdir(parents=True, exist_ok=True)
     trigger = RetrainTrigger(args.labels_dir / "events.json", args.retrain_threshold, command)
-    server = BackendServer((args.host, args.port), predictor, trigger)
+    server = BackendServer((args.host, args.port), predictor, trigger, backend_secret(cfg))
     # SIGTERM ends serve_forever like Ctrl-C (shutdown() from this thread would deadlock)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"ML backend and webhook receiver on {server.url}", flush=True)
@@ -156,10 +160,23 @@ def _backend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect(args: argparse.Namespace) -> int:
+    from labeling.client import connect
+    from labeling.project import connect_backend
+
+    cfg = server_config(args)
+    client = connect(cfg)
+    _, project = _project(args, client)
+    connect_backend(client, project, args.backend_url, backend_secret(cfg))
+    print(f"project {project.id}: ML backend and webhook at {args.backend_url}")
+    return 0
+
+
 def run_label(args: argparse.Namespace) -> int:
     from labeling.client import LabelStudioUnavailable
 
-    run = {"push": _push, "pull": _pull, "backend": _backend}[args.label_action]
+    run = {"push": _push, "pull": _pull, "backend": _backend,
+           "connect": _connect}[args.label_action]
     try:
         return run(args)
     except LabelStudioUnavailable as exc:

@@ -2,6 +2,14 @@
 
 The labeling config is a single-choice image classification over the manifest's classes.
 Tasks carry the model's guess as a prediction, so annotators see it pre-selected.
+
+The order annotators get tasks in is push's ranking. Label Studio's "Uncertainty
+sampling" hands out the lowest prediction score first, but only among predictions whose
+model_version equals the project's (projects/functions/next_task.py in 1.23); others fall
+back to random order. So the project's model_version is one fixed queue name that no model
+ever uses, push's prediction carries it with a score that is the task's queue position
+(labeling.push.queue_score), and the ML backend's own predictions (its model's version)
+never reorder the queue. A promotion changes nothing here.
 """
 
 from __future__ import annotations
@@ -13,11 +21,14 @@ from xml.sax.saxutils import quoteattr
 
 from label_studio_sdk import LabelStudio
 
+from labeling.backend_auth import BASIC_AUTH_USER, SECRET_HEADER
 from labeling.client import unavailable_as_error
 
 log = logging.getLogger(__name__)
 
 FROM_NAME, TO_NAME, IMAGE_KEY = "label", "image", "image"
+QUEUE_MODEL_VERSION = "visionloop-queue"  # the model_version of push's predictions
+SAMPLING = "Uncertainty sampling"
 
 
 class ProjectError(ValueError):
@@ -77,10 +88,45 @@ def _find_or_create(client: LabelStudio, title: str, classes: tuple[str, ...]) -
         if extra:
             log.warning("project %r offers classes the model does not know: %s (their labels "
                         "are reported by pull, not used for training)", title, list(extra))
+        if project.model_version != QUEUE_MODEL_VERSION or project.sampling != SAMPLING:
+            # connecting an ML backend first names the project's version after it; an older
+            # project used the model's version, which changes with every promotion
+            log.info("project %r: handing out tasks in push's order (model_version %r -> %r)",
+                     title, project.model_version, QUEUE_MODEL_VERSION)
+            client.projects.update(id=project.id, model_version=QUEUE_MODEL_VERSION,
+                                   sampling=SAMPLING)
         return Project(project.id, title, classes, extra)
     project = client.projects.create(title=title, label_config=label_config(classes),
-                                     sampling="Uncertainty sampling",
+                                     sampling=SAMPLING, model_version=QUEUE_MODEL_VERSION,
                                      description="Images the model was unsure of, "
-                                                 "least confident first.")
+                                                 "in the order push ranked them.")
     log.info("created Label Studio project %r (id %d)", title, project.id)
     return Project(project.id, title, classes, ())
+
+
+ANNOTATION_WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
+
+
+def connect_backend(client: LabelStudio, project: Project, url: str, secret: str) -> None:
+    """Point the project's ML backend and its annotation webhook at our backend server
+    (labeling.backend_server), both sending the shared secret: basic auth for the ML
+    backend, a custom header for the webhook. Idempotent: what already points there is
+    updated, not duplicated."""
+    url = url.rstrip("/")
+    auth = dict(auth_method="BASIC_AUTH", basic_auth_user=BASIC_AUTH_USER,
+                basic_auth_pass=secret)
+    with unavailable_as_error("connecting the ML backend"):
+        backends = [b for b in client.ml.list(project=project.id) if b.url.rstrip("/") == url]
+        if backends:
+            client.ml.update(id=backends[0].id, url=url, project=project.id, **auth)
+        else:
+            client.ml.create(project=project.id, url=url, title="visionloop", **auth)
+        hook = dict(url=f"{url}/webhook", send_payload=True, send_for_all_actions=False,
+                    actions=list(ANNOTATION_WEBHOOK_ACTIONS), headers={SECRET_HEADER: secret})
+        hooks = [h for h in client.webhooks.list(project=str(project.id))
+                 if h.url == hook["url"]]
+        if hooks:
+            client.webhooks.update(id=hooks[0].id, **hook)
+        else:
+            client.webhooks.create(project=project.id, **hook)
+    log.info("project %d: ML backend and webhook at %s (with the shared secret)", project.id, url)

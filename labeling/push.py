@@ -9,7 +9,9 @@ Reads only the capture store. Each push:
 2. ranks the unlinked captures with a query strategy (labeling.strategies), one per image;
 3. walks that order, dropping near-duplicates of images already pushed or chosen;
 4. imports the chosen images in chunks, with the model's guess as a prediction, and
-   records each task id right after its chunk is accepted.
+   records each task id right after its chunk is accepted. The prediction's score is the
+   task's queue position (queue_score): the newest push's rank 1 first, so the task Label
+   Studio hands an annotator next is the best-ranked one of the newest ranking.
 A chunk that Label Studio did not accept is not recorded; the next push catches up.
 """
 
@@ -29,7 +31,7 @@ from PIL import Image
 from core.capture_store import READER_BUSY_TIMEOUT_S, CaptureStore, image_path
 from labeling.client import unavailable_as_error
 from labeling.dedupe import NearDuplicateFilter, thumbnail_signature
-from labeling.project import FROM_NAME, IMAGE_KEY, TO_NAME, Project
+from labeling.project import FROM_NAME, IMAGE_KEY, QUEUE_MODEL_VERSION, TO_NAME, Project
 from labeling.push_options import PushOptions
 from labeling.strategies import rank
 
@@ -57,11 +59,25 @@ class Candidate:
     scores: dict[str, float]
 
 
-def project_tasks(client: LabelStudio, project: Project) -> dict[str, int]:
-    """Image sha256 -> task id, for every task push made in the project."""
+@dataclass(frozen=True)
+class ProjectTasks:
+    by_image: dict[str, int]  # image sha256 -> task id, for every task push made
+    last_push: int  # the highest push number among them (0: none)
+
+
+def project_tasks(client: LabelStudio, project: Project) -> ProjectTasks:
     with unavailable_as_error("listing tasks"):
-        return {t.data["capture_sha"]: t.id for t in client.tasks.list(project=project.id)
-                if "capture_sha" in (t.data or {})}
+        tasks = [t for t in client.tasks.list(project=project.id)
+                 if "capture_sha" in (t.data or {})]
+    return ProjectTasks({t.data["capture_sha"]: t.id for t in tasks},
+                        max((int(t.data.get("push", 0)) for t in tasks), default=0))
+
+
+def queue_score(push_number: int, priority: int, pushed: int) -> float:
+    """Label Studio hands out the lowest score first: push n's tasks get [-n, -n + 1) in
+    their rank order, so a newer push's ranking (the newest model's) comes before what
+    is left of older ones."""
+    return -push_number + (priority - 1) / pushed
 
 
 def unlinked_candidates(store: CaptureStore, model: str,
@@ -107,16 +123,19 @@ def ensure_local_storage(client: LabelStudio, project: Project, capture_dir: Pat
                                            use_blob_urls=False)
 
 
-def task_payload(candidate: Candidate, priority: int, strategy: str, image: str) -> dict:
+def task_payload(candidate: Candidate, priority: int, push_number: int, pushed: int,
+                 strategy: str, image: str) -> dict:
     choice = {"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
               "value": {"choices": [candidate.predicted]}}
     data = {IMAGE_KEY: image, "capture_sha": candidate.sha, "predicted": candidate.predicted,
-            "priority": priority, "strategy": strategy, "model_version": candidate.model_version,
+            "push": push_number, "priority": priority, "strategy": strategy,
+            "model_version": candidate.model_version,
             **{k: round(v, 4) for k, v in candidate.scores.items()}}
-    # score = calibrated confidence: Label Studio's uncertainty sampling hands out the lowest
-    return {"data": data, "predictions": [{"model_version": candidate.model_version,
-                                           "score": candidate.scores["confidence"],
-                                           "result": [choice]}]}
+    # the model's guess, pre-selected for the annotator; its score orders the queue (the
+    # model's confidence is in the task data)
+    return {"data": data, "predictions": [{
+        "model_version": QUEUE_MODEL_VERSION, "result": [choice],
+        "score": queue_score(push_number, priority, pushed)}]}
 
 
 def choose(candidates: list[Candidate], order: np.ndarray, capture_dir: Path,
@@ -160,11 +179,12 @@ def push(capture_dir: Path, client: LabelStudio, project: Project, model: str,
     try:
         result = PushResult()
         existing = project_tasks(client, project)
-        result.unlinked_deleted = store.unlink_tasks_not_in(set(existing.values()), model)
+        result.unlinked_deleted = store.unlink_tasks_not_in(set(existing.by_image.values()),
+                                                            model)
         # new captures of images that already are tasks become those tasks
         result.exact_duplicates = store.link(store.pushed_tasks(model), model)
         # tasks Label Studio has but we never recorded (a crash after an import)
-        result.reconciled = store.link(existing, model)
+        result.reconciled = store.link(existing.by_image, model)
         pushed = store.pushed_tasks(model)
         candidates, usable = unlinked_candidates(store, model, len(project.classes),
                                                  project.classes)
@@ -184,7 +204,8 @@ def push(capture_dir: Path, client: LabelStudio, project: Project, model: str,
             ensure_local_storage(client, project, capture_dir)
         for start in range(0, len(chosen), options.chunk_size):
             chunk = chosen[start:start + options.chunk_size]
-            tasks = [task_payload(c, start + i + 1, options.strategy,
+            tasks = [task_payload(c, start + i + 1, existing.last_push + 1, len(chosen),
+                                  options.strategy,
                                   image_reference(capture_dir, files_root, c.sha, options))
                      for i, c in enumerate(chunk)]
             with unavailable_as_error(f"importing tasks {start + 1}-{start + len(chunk)}"):

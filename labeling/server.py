@@ -59,20 +59,40 @@ class LabelStudioConfig:
         return self.data_dir / "credentials.json"
 
 
+def _new_credentials() -> dict[str, str]:
+    return {"password": secrets.token_urlsafe(18),
+            "token": secrets.token_hex(20),  # Label Studio wants exactly 40 characters
+            # a key starting with "$" is regenerated at every start, killing tokens
+            "secret_key": "k" + secrets.token_urlsafe(48),
+            # what Label Studio sends our ML backend and webhook receiver (labeling.backend_server)
+            "backend_secret": secrets.token_urlsafe(32)}
+
+
 def credentials(cfg: LabelStudioConfig) -> dict[str, str]:
-    """The bootstrap user's password and API token and Django's key, made once per data dir."""
+    """The bootstrap user's password and API token, Django's key and the ML backend's
+    shared secret, made once per data dir (a file from before a key existed gains it)."""
     path = cfg.credentials_file
     if path.exists():
-        return json.loads(path.read_text())
+        known = json.loads(path.read_text())
+        missing = {k: v for k, v in _new_credentials().items() if k not in known}
+        if not missing:
+            return known
+        known.update(missing)
+        staged = path.with_name(path.name + ".tmp")
+        staged.unlink(missing_ok=True)
+        _write_private(staged, known)
+        os.replace(staged, path)
+        return known
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    created = {"password": secrets.token_urlsafe(18),
-               "token": secrets.token_hex(20),  # Label Studio wants exactly 40 characters
-               # a key starting with "$" is regenerated at every start, killing tokens
-               "secret_key": "k" + secrets.token_urlsafe(48)}
+    created = _new_credentials()
+    _write_private(path, created)
+    return created
+
+
+def _write_private(path: Path, values: dict[str, str]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(created, f)
-    return created
+        json.dump(values, f)
 
 
 TOKEN_ENV = "VISIONLOOP_LABELSTUDIO_TOKEN"
@@ -82,6 +102,15 @@ def api_token(cfg: LabelStudioConfig) -> str:
     """The token from the environment (a Label Studio run elsewhere, e.g. docker compose),
     else the one generated for the server we run."""
     return os.environ.get(TOKEN_ENV) or credentials(cfg)["token"]
+
+
+BACKEND_SECRET_ENV = "VISIONLOOP_BACKEND_SECRET"
+
+
+def backend_secret(cfg: LabelStudioConfig) -> str:
+    """The ML backend's shared secret: from the environment (docker compose), else the one
+    generated beside the server we run."""
+    return os.environ.get(BACKEND_SECRET_ENV) or credentials(cfg)["backend_secret"]
 
 
 def _env(cfg: LabelStudioConfig) -> dict[str, str]:

@@ -12,7 +12,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = {"LABEL_STUDIO_TOKEN": "0" * 40, "POSTGRES_PASSWORD": "pg-secret",
-           "LABEL_STUDIO_SECRET_KEY": "django-secret", "LABEL_STUDIO_PASSWORD": "ls-secret"}
+           "LABEL_STUDIO_SECRET_KEY": "django-secret", "LABEL_STUDIO_PASSWORD": "ls-secret",
+           "VISIONLOOP_BACKEND_SECRET": "backend-secret-0123456789"}
 
 
 def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -40,6 +41,8 @@ def test_compose_file_resolves_with_secrets_and_refuses_without():
     config = yaml.safe_load(result.stdout)
     services = config["services"]
     assert set(services) == {"postgres", "labelstudio", "torchserve", "retrain", "ml-backend"}
+    assert (services["ml-backend"]["environment"]["VISIONLOOP_BACKEND_SECRET"]
+            == SECRETS["VISIONLOOP_BACKEND_SECRET"])
 
     # TorchServe on the GPU with a readiness check that asks for a READY worker
     torchserve = services["torchserve"]

@@ -3,7 +3,10 @@ the labeling config and the retrain trigger (real subprocess)."""
 
 from __future__ import annotations
 
+import base64
 import io
+import json
+import stat
 import sys
 from pathlib import Path
 
@@ -12,10 +15,14 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from core.classes import minority_classes
+from labeling import server as labelstudio_server
+from labeling.backend_auth import SECRET_HEADER, authorised
+from labeling.backend_server import BackendServer
 from labeling.dedupe import NearDuplicateFilter, thumbnail_signature
 from labeling.events import RetrainTrigger
 from labeling.project import config_classes, label_config
 from labeling.pull import chosen_label
+from labeling.server import LabelStudioConfig
 from labeling.strategies import rank
 
 PROBS = np.array([
@@ -120,3 +127,37 @@ def test_retrain_trigger_runs_the_command_in_the_background(tmp_path: Path):
     again = RetrainTrigger(tmp_path / "events.json", threshold=3, command=command)
     assert again.state["events"]["ANNOTATION_CREATED"] == 3  # survives a restart
     assert again.state["triggers"] == 1 and again.state["last_exit_code"] == 0
+    # Label Studio's "Start Training" starts it at once, below the threshold
+    marker.unlink()
+    assert again.record("START_TRAINING") is True
+    again.wait(30)
+    assert marker.read_text() == "ok" and again.state["triggers"] == 2
+    assert again.state["since_trigger"] == 0  # not an annotation: the count is untouched
+    again.refuse("/webhook")
+    assert RetrainTrigger(tmp_path / "events.json", 3, None).state["unauthorised"] == \
+        {"/webhook": 1}
+
+
+def test_the_backend_secret_comes_as_basic_auth_or_our_header():
+    secret = "s" * 32
+    basic = "Basic " + base64.b64encode(f"anyone:{secret}".encode()).decode()
+    assert authorised({"Authorization": basic}, secret)
+    assert authorised({SECRET_HEADER: secret}, secret)
+    assert not authorised({}, secret)
+    assert not authorised({SECRET_HEADER: secret[:-1]}, secret)
+    assert not authorised({"Authorization": "Basic !!not-base64"}, secret)
+    assert not authorised({"Authorization": f"Bearer {secret}"}, secret)
+    with pytest.raises(ValueError, match="at least 16"):
+        BackendServer(("127.0.0.1", 0), None, RetrainTrigger(Path("/nonexistent/e.json"), 1,
+                                                              None), "short")
+
+
+def test_credentials_made_before_the_backend_secret_gain_one(tmp_path: Path):
+    cfg = LabelStudioConfig(data_dir=tmp_path / "ls")
+    cfg.data_dir.mkdir()
+    cfg.credentials_file.write_text(json.dumps({"password": "p", "token": "t" * 40,
+                                                "secret_key": "k"}))
+    creds = labelstudio_server.credentials(cfg)
+    assert creds["token"] == "t" * 40 and len(creds["backend_secret"]) >= 32
+    assert labelstudio_server.credentials(cfg) == creds  # made once
+    assert stat.S_IMODE(cfg.credentials_file.stat().st_mode) == 0o600

@@ -15,6 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,13 +28,20 @@ from core.manifest import ModelManifest
 from core.ports import free_loopback_ports
 from core.scenario import read_pool
 from labeling import server
+from labeling.backend_auth import SECRET_HEADER
 from labeling.backend_server import BackendServer, serve_in_thread
 from labeling.client import LabelStudioUnavailable, connect
 from labeling.events import RetrainTrigger
 from labeling.predictor import Predictor
-from labeling.project import FROM_NAME, TO_NAME, ensure_project
+from labeling.project import (
+    FROM_NAME,
+    QUEUE_MODEL_VERSION,
+    TO_NAME,
+    connect_backend,
+    ensure_project,
+)
 from labeling.pull import labelled_counts, pull
-from labeling.push import PushOptions, push
+from labeling.push import PushOptions, push, queue_score
 from serving.capture import CapturePolicy, Capturer
 from serving.offline import InProcessModel
 
@@ -101,8 +111,12 @@ def test_push_ranks_imports_predictions_and_is_idempotent(labelstudio, trained_v
     for task in tasks:
         reply = by_sha[task.data["capture_sha"]]
         (prediction,) = task.predictions
-        assert prediction.model_version == manifest.version
-        assert prediction.score == pytest.approx(reply.uncertainty.max_prob, abs=1e-6)
+        # the guess, in the queue's version; its score is the queue position, the
+        # confidence is in the task data
+        assert prediction.model_version == QUEUE_MODEL_VERSION
+        assert prediction.score == pytest.approx(queue_score(1, task.data["priority"], 8))
+        assert task.data["confidence"] == pytest.approx(reply.uncertainty.max_prob, abs=1e-4)
+        assert task.data["model_version"] == manifest.version
         assert prediction.result[0]["value"]["choices"] == [reply.label]
         # the image is served by Label Studio from the capture store, not copied into it
         assert task.data["image"].startswith("/data/local-files/?d=push/images/")
@@ -230,6 +244,86 @@ def test_annotations_are_pulled_with_edits_deletions_and_unknown_labels(
     assert deleted.data["capture_sha"] not in tree and len(tree) == 3
 
 
+def next_task_id(labelstudio, project) -> int:
+    """What Label Studio hands this annotator next (the labelling stream's own call)."""
+    request = urllib.request.Request(
+        f"{labelstudio.url}/api/projects/{project.id}/next",
+        headers={"Authorization": f"Token {server.api_token(labelstudio)}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())["id"]
+
+
+def test_the_annotator_gets_push_rank_1_next(labelstudio, trained_version, pool_predictions,
+                                             tmp_path):
+    root = capture_store(labelstudio, "queue", pool_predictions)
+    client, manifest, project = project_for(labelstudio, trained_version, "queue test")
+    first = push(root, client, project, manifest.name, MINORITY,
+                 PushOptions(budget=5, strategy="class_balanced"),
+                 files_root=labelstudio.files_root)
+    seen = {"first push": (next_task_id(labelstudio, project), first.task_ids[0])}
+
+    # the ML backend connected, its predictions (its model's version) on every task
+    store = trained_version.parent.parent
+    predictor = Predictor(store, manifest.name, manifest.version, labelstudio.url,
+                          server.api_token(labelstudio))
+    secret = server.backend_secret(labelstudio)
+    backend = BackendServer(("127.0.0.1", 0), predictor,
+                            RetrainTrigger(tmp_path / "events.json", 10**6, None), secret)
+    serve_in_thread(backend)
+    try:
+        connect_backend(client, project, backend.url, secret)
+        client.actions.create(id="retrieve_tasks_predictions", project=project.id,
+                              selected_items={"all": False, "included": first.task_ids})
+        deadline = time.monotonic() + 60
+        while not all(len(t.predictions) == 2 for t in tasks_of(client, project)):
+            assert time.monotonic() < deadline, "the ML backend's predictions never came"
+            time.sleep(1)
+        seen["ML backend connected"] = (next_task_id(labelstudio, project), first.task_ids[0])
+        # the annotator labels it: the next is push's rank 2
+        client.annotations.create(id=first.task_ids[0], result=choice(manifest.classes[0]))
+        seen["after one label"] = (next_task_id(labelstudio, project), first.task_ids[1])
+        client.annotations.create(id=first.task_ids[1], result=choice(manifest.classes[0]))
+    finally:
+        backend.shutdown()
+        backend.server_close()
+
+    # a second push with another strategy: the newest ranking comes first
+    second = push(root, client, project, manifest.name, MINORITY,
+                  PushOptions(budget=4, strategy="least_confidence"),
+                  files_root=labelstudio.files_root)
+    seen["second push (least confidence)"] = (next_task_id(labelstudio, project),
+                                              second.task_ids[0])
+    client.annotations.create(id=second.task_ids[0], result=choice(manifest.classes[0]))
+
+    # a promotion: v2 serves, its captures are pushed
+    capturer = Capturer(root, CapturePolicy(max_confidence=1.01, per_minute=10**6))
+    promoted = [(d, f"v2-{i}", replace(r, version="v2"))
+                for i, (d, r, _) in enumerate(pool_predictions)]
+    assert all(capturer.capture_batch(promoted))
+    third = push(root, client, project, manifest.name, MINORITY,
+                 PushOptions(budget=3, strategy="class_balanced"),
+                 files_root=labelstudio.files_root)
+    assert {t.data["model_version"] for t in tasks_of(client, project)
+            if t.id in third.task_ids} == {"v2"}
+    seen["after a promotion (v2)"] = (next_task_id(labelstudio, project), third.task_ids[0])
+    assert client.projects.get(id=project.id).model_version == QUEUE_MODEL_VERSION
+    print("\nnext task handed out / push's rank 1:")
+    for case, (handed, rank_1) in seen.items():
+        print(f"  {case}: {handed} / {rank_1}")
+    assert all(handed == rank_1 for handed, rank_1 in seen.values()), seen
+
+
+def post(url: str, body: dict, headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 def test_webhook_events_reach_the_receiver_and_trigger_retraining(
         labelstudio, trained_version, pool_predictions, tmp_path):
     root = capture_store(labelstudio, "webhook", pool_predictions[:6])
@@ -241,24 +335,38 @@ def test_webhook_events_reach_the_receiver_and_trigger_retraining(
     marker = tmp_path / "retrained"
     trigger = RetrainTrigger(tmp_path / "events.json", threshold=2,
                              command=[sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
-    backend = BackendServer(("127.0.0.1", 0), None, trigger)
+    secret = server.backend_secret(labelstudio)
+    backend = BackendServer(("127.0.0.1", 0), None, trigger, secret)
     serve_in_thread(backend)
     try:
+        actions = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]
         client.webhooks.create(url=f"{backend.url}/webhook", project=project.id,
-                               send_payload=True, send_for_all_actions=False,
-                               actions=["ANNOTATION_CREATED", "ANNOTATION_UPDATED"])
+                               send_payload=True, send_for_all_actions=False, actions=actions,
+                               headers={SECRET_HEADER: secret})
+        # a second webhook someone set up without the secret: refused, counted, no effect
+        client.webhooks.create(url=f"{backend.url}/webhook/", project=project.id,
+                               send_payload=True, send_for_all_actions=False, actions=actions)
         for task in tasks_of(client, project)[:2]:
             client.annotations.create(id=task.id, result=choice(manifest.classes[0]))
         trigger.wait(30)
         assert trigger.state["events"] == {"ANNOTATION_CREATED": 2}
         assert trigger.state["triggers"] == 1 and marker.exists()
+        # anyone else who can reach the port: a forged event, a wrong secret
+        forged = {"action": "ANNOTATION_CREATED", "annotation": {"id": 1}}
+        assert post(f"{backend.url}/webhook", forged) == 401
+        assert post(f"{backend.url}/webhook", forged, {SECRET_HEADER: "x" * 43}) == 401
+        assert trigger.state["unauthorised"] == {"/webhook": 4}  # 2 from Label Studio
+        assert trigger.state["events"] == {"ANNOTATION_CREATED": 2}
+        assert trigger.state["triggers"] == 1
+        print(f"\nwebhooks: {trigger.state['unauthorised']} refused with 401, "
+              f"{trigger.state['events']} accepted")
     finally:
         backend.shutdown()
         backend.server_close()
 
 
 def test_label_studio_calls_the_ml_backend_for_predictions(labelstudio, trained_version,
-                                                           pool_predictions):
+                                                           pool_predictions, tmp_path):
     client, manifest, project = project_for(labelstudio, trained_version, "ml backend test")
     # tasks created elsewhere (no prediction), with the image inline
     sample = pool_predictions[:3]
@@ -268,11 +376,18 @@ def test_label_studio_calls_the_ml_backend_for_predictions(labelstudio, trained_
     store = trained_version.parent.parent
     predictor = Predictor(store, manifest.name, manifest.version, labelstudio.url,
                           server.api_token(labelstudio))
-    backend = BackendServer(("127.0.0.1", 0), predictor,
-                            RetrainTrigger(labelstudio.data_dir / "ml-events.json", 10**6, None))
+    marker = tmp_path / "trained"
+    trigger = RetrainTrigger(tmp_path / "ml-events.json", 10**6,
+                             [sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
+    secret = server.backend_secret(labelstudio)
+    backend = BackendServer(("127.0.0.1", 0), predictor, trigger, secret)
     serve_in_thread(backend)
     try:
-        client.ml.create(project=project.id, url=backend.url, title="visionloop")
+        connect_backend(client, project, backend.url, secret)
+        connect_backend(client, project, backend.url, secret)  # idempotent
+        (ml,) = client.ml.list(project=project.id)
+        assert ml.auth_method == "BASIC_AUTH"
+        assert len(client.webhooks.list(project=str(project.id))) == 1
         client.actions.create(id="retrieve_tasks_predictions", project=project.id,
                               selected_items={"all": False, "included": response.task_ids})
         deadline = time.monotonic() + 60
@@ -287,6 +402,20 @@ def test_label_studio_calls_the_ml_backend_for_predictions(labelstudio, trained_
             assert prediction.result[0]["value"]["choices"] == [reply.label]
             assert prediction.score == pytest.approx(reply.predictions[0].probability,
                                                      abs=1e-5)
+        # "Start Training" in Label Studio: the retrain command starts at once
+        client.ml.train(id=ml.id)
+        trigger.wait(30)
+        assert marker.exists() and trigger.state["triggers"] == 1
+        assert trigger.state["events"].get("START_TRAINING") == 1
+        # the ML-backend routes refuse callers without the secret, and run nothing
+        wrong = "Basic " + base64.b64encode(b"visionloop:not-the-secret").decode()
+        assert post(f"{backend.url}/predict", {"tasks": []}) == 401
+        assert post(f"{backend.url}/setup", {}, {"Authorization": wrong}) == 401
+        assert post(f"{backend.url}/webhook", {"action": "START_TRAINING"}) == 401
+        assert trigger.state["unauthorised"] == {"/predict": 1, "/setup": 1, "/webhook": 1}
+        assert trigger.state["triggers"] == 1
+        print(f"\nML backend: {trigger.state['unauthorised']} refused with 401; "
+              f"START_TRAINING started the command")
     finally:
         backend.shutdown()
         backend.server_close()
