@@ -18,10 +18,10 @@ DOCKER_COMPOSE := /usr/bin/docker-compose
 DATA := data/fashion-mnist-lt
 MINORITY := coat,sandal,bag
 
-.PHONY: setup java demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling bench-loop clean-venv
+.PHONY: setup java postgres demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling bench-loop clean-venv
 
 setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST) \
-	$(DOCKER_COMPOSE) java
+	$(DOCKER_COMPOSE) java postgres
 
 # torch first, from the pinned releases, so no resolver pulls another torch build.
 $(VENV)/.installed-$(ORT): pyproject.toml
@@ -49,13 +49,19 @@ java:
 	@command -v java >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq --no-install-recommends openjdk-17-jre-headless; }
 
+# Debian's PostgreSQL server (binaries only are needed): the tests of Label Studio on
+# PostgreSQL start their own instance in a temporary data directory (tests/postgres.py).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		$(SUDO) apt-get install -y -qq --no-install-recommends postgresql; }
+
 $(DOCKER_COMPOSE):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq --no-install-recommends docker-compose
 
 $(DATA)/scenario.json: | setup
 	$(VENV)/bin/visionloop data fashion-mnist --out $(DATA) --imbalance-ratio 100 \
-		--minority $(MINORITY) --seed 0
+		--minority $(MINORITY) --pool-per-class 3000 --seed 0
 
 # The whole loop with real TorchServe and Label Studio on loopback; report in runs/demo/.
 demo: setup $(DATA)/scenario.json

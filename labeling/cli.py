@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import signal
 from dataclasses import asdict
@@ -37,7 +38,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def server_config(args: argparse.Namespace) -> LabelStudioConfig:
     return LabelStudioConfig(data_dir=args.labelstudio_dir, host=args.labelstudio_host,
-                             port=args.labelstudio_port, files_root=args.capture_dir)
+                             port=args.labelstudio_port, files_root=args.capture_dir,
+                             database_url=os.environ.get(server.DATABASE_ENV) or None)
 
 
 def add_labelstudio_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +97,9 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     for command in (push, pull, backend, connect):
         add_model_arguments(command)
         add_server_arguments(command)
+    status = sub.add_parser("status", help="per-annotator answers and agreement, from the "
+                                           "last pull (no Label Studio needed)")
+    status.add_argument("--labels-dir", type=Path, default=Path("labels"))
 
 
 def _project(args: argparse.Namespace, client):
@@ -172,11 +177,18 @@ def _connect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from labeling.pull import annotator_report
+
+    print(json.dumps(annotator_report(args.labels_dir), indent=2))
+    return 0
+
+
 def run_label(args: argparse.Namespace) -> int:
     from labeling.client import LabelStudioUnavailable
 
-    run = {"push": _push, "pull": _pull, "backend": _backend,
-           "connect": _connect}[args.label_action]
+    run = {"push": _push, "pull": _pull, "backend": _backend, "connect": _connect,
+           "status": _status}[args.label_action]
     try:
         return run(args)
     except LabelStudioUnavailable as exc:

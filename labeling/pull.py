@@ -46,6 +46,12 @@ CREATE TABLE IF NOT EXISTS labels (
     agreement REAL NOT NULL,         -- share of them that gave this label
     updated_at TEXT NOT NULL         -- newest counted annotation's update time
 );
+CREATE TABLE IF NOT EXISTS answers (   -- each counted annotation, for agreement reports
+    task_id INTEGER NOT NULL,
+    annotator TEXT NOT NULL,
+    label TEXT NOT NULL,
+    PRIMARY KEY (task_id, annotator)
+);
 CREATE TABLE IF NOT EXISTS pulls (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     finished_at TEXT NOT NULL,
@@ -79,16 +85,22 @@ class PullResult:
     class_counts: dict[str, int] = field(default_factory=dict)  # known labels in the tree
 
 
+def answer(annotation: dict) -> str | None:
+    """The class an annotation chose; None if it was skipped or chose nothing."""
+    if annotation.get("was_cancelled"):
+        return None
+    choices = [c for r in annotation.get("result") or [] if r.get("from_name") == FROM_NAME
+               for c in (r.get("value") or {}).get("choices") or []]
+    return choices[0] if choices else None
+
+
 def chosen_label(annotations: list[dict]) -> tuple[str, int, float, str] | None:
     """(label, counted annotations, agreement, newest update) by the documented rule."""
     votes = []
     for annotation in annotations:
-        if annotation.get("was_cancelled"):
-            continue
-        choices = [c for r in annotation.get("result") or [] if r.get("from_name") == FROM_NAME
-                   for c in (r.get("value") or {}).get("choices") or []]
-        if choices:
-            votes.append((choices[0], annotation.get("updated_at") or "",
+        choice = answer(annotation)
+        if choice is not None:
+            votes.append((choice, annotation.get("updated_at") or "",
                           bool(annotation.get("ground_truth"))))
     if not votes:
         return None
@@ -105,11 +117,37 @@ def chosen_label(annotations: list[dict]) -> tuple[str, int, float, str] | None:
     return label, len(votes), agreement, newest
 
 
-def remote_labels(client: LabelStudio, project: Project) -> tuple[dict[int, Label], PullResult]:
+Answer = tuple[int, str, str]  # (task id, annotator, label)
+
+
+def annotator_names(client: LabelStudio) -> dict[int, str]:
+    with unavailable_as_error("listing users"):
+        return {u.id: u.email or u.username or f"user {u.id}" for u in client.users.list()}
+
+
+def task_answers(task_id: int, annotations: list[dict], names: dict[int, str]) -> list[Answer]:
+    """One answer per annotator (their newest), for the agreement report."""
+    newest: dict[str, tuple[str, str]] = {}
+    for annotation in annotations:
+        choice = answer(annotation)
+        who = annotation.get("completed_by")
+        if choice is None or who is None:
+            continue
+        name = names.get(who, f"user {who}")
+        updated = annotation.get("updated_at") or ""
+        if name not in newest or updated >= newest[name][1]:
+            newest[name] = (choice, updated)
+    return [(task_id, name, choice) for name, (choice, _) in newest.items()]
+
+
+def remote_labels(client: LabelStudio, project: Project
+                  ) -> tuple[dict[int, Label], list[Answer], PullResult]:
     result = PullResult()
     labels: dict[int, Label] = {}
+    answers: list[Answer] = []
     with unavailable_as_error("reading annotations"):
         tasks = list(client.tasks.list(project=project.id, fields="all"))
+    names = annotator_names(client)
     for task in tasks:
         sha = (task.data or {}).get("capture_sha")
         decided = chosen_label(task.annotations or [])
@@ -121,7 +159,8 @@ def remote_labels(client: LabelStudio, project: Project) -> tuple[dict[int, Labe
             continue
         label, count, agreement, updated = decided
         labels[task.id] = Label(sha, label, label in project.classes, count, agreement, updated)
-    return labels, result
+        answers += task_answers(task.id, task.annotations or [], names)
+    return labels, answers, result
 
 
 def open_labels_db(labels_dir: Path) -> sqlite3.Connection:
@@ -138,8 +177,10 @@ def local_labels(conn: sqlite3.Connection) -> dict[int, Label]:
     return {r[0]: Label(r[1], r[2], bool(r[3]), r[4], r[5], r[6]) for r in rows}
 
 
-def apply(conn: sqlite3.Connection, remote: dict[int, Label], result: PullResult) -> None:
-    """Make the labels table equal to `remote`, in one transaction, and log the pull."""
+def apply(conn: sqlite3.Connection, remote: dict[int, Label], answers: list[Answer],
+          result: PullResult) -> None:
+    """Make the labels and answers tables equal to Label Studio's, in one transaction, and
+    log the pull."""
     local = local_labels(conn)
     result.added = sum(t not in local for t in remote)
     result.changed = sum(t in local and local[t] != remote[t] for t in remote)
@@ -151,6 +192,8 @@ def apply(conn: sqlite3.Connection, remote: dict[int, Label], result: PullResult
             "INSERT OR REPLACE INTO labels VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(t, x.sha, x.label, int(x.known), x.annotations, x.agreement, x.updated_at)
              for t, x in remote.items() if local.get(t) != x])
+        conn.execute("DELETE FROM answers")
+        conn.executemany("INSERT INTO answers VALUES (?, ?, ?)", answers)
         conn.execute("INSERT INTO pulls (finished_at, added, changed, removed, unknown)"
                      " VALUES (?, ?, ?, ?, ?)",
                      (datetime.now(timezone.utc).isoformat(timespec="seconds"), result.added,
@@ -206,7 +249,7 @@ def materialize(labels_dir: Path, capture_dir: Path, labels: dict[int, Label]) -
 def pull(labels_dir: Path, capture_dir: Path, client: LabelStudio,
          project: Project) -> PullResult:
     labels_dir, capture_dir = Path(labels_dir), Path(capture_dir)
-    remote, result = remote_labels(client, project)
+    remote, answers, result = remote_labels(client, project)
     result.labelled_tasks = len(remote)
     result.unknown_labels = dict(Counter(x.label for x in remote.values() if not x.known))
     if result.unknown_labels:
@@ -214,7 +257,7 @@ def pull(labels_dir: Path, capture_dir: Path, client: LabelStudio,
                     result.unknown_labels)
     conn = open_labels_db(labels_dir)
     try:
-        apply(conn, remote, result)
+        apply(conn, remote, answers, result)
         result.class_counts = materialize(labels_dir, capture_dir, local_labels(conn))
     finally:
         conn.close()
@@ -231,3 +274,37 @@ def labelled_counts(labels_dir: Path) -> dict[str, int]:
                                  " GROUP BY label").fetchall())
     finally:
         conn.close()
+
+
+def annotator_report(labels_dir: Path) -> dict:
+    """Per annotator: answers and the share that matches the label pull chose; per pair of
+    annotators: tasks both answered and the share they agreed on."""
+    conn = open_labels_db(Path(labels_dir))
+    try:
+        rows = conn.execute("SELECT a.task_id, a.annotator, a.label, l.label FROM answers a"
+                            " JOIN labels l ON l.task_id = a.task_id").fetchall()
+    finally:
+        conn.close()
+    by_task: dict[int, dict[str, str]] = {}
+    annotators: dict[str, dict] = {}
+    for task_id, who, label, decided in rows:
+        by_task.setdefault(task_id, {})[who] = label
+        stats = annotators.setdefault(who, {"answers": 0, "agree_with_label": 0})
+        stats["answers"] += 1
+        stats["agree_with_label"] += label == decided
+    for stats in annotators.values():
+        stats["agree_with_label"] = round(stats["agree_with_label"] / stats["answers"], 4)
+    pairs: dict[str, dict] = {}
+    for answers in by_task.values():
+        names = sorted(answers)
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                pair = pairs.setdefault(f"{first} | {second}", {"shared_tasks": 0, "agreed": 0})
+                pair["shared_tasks"] += 1
+                pair["agreed"] += answers[first] == answers[second]
+    for pair in pairs.values():
+        pair["agreement"] = round(pair.pop("agreed") / pair["shared_tasks"], 4)
+    return {"labelled_tasks": len(by_task),
+            "tasks_with_several_answers": sum(len(a) > 1 for a in by_task.values()),
+            "tasks_with_disagreement": sum(len(set(a.values())) > 1 for a in by_task.values()),
+            "annotators": annotators, "pairs": pairs}

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,9 @@ class LabelStudioConfig:
     # Webhooks and ML backends on 127.0.0.1 are refused by Label Studio's SSRF guard; we
     # lift it because every component here is on loopback. Keep it on for a public server.
     allow_local_urls: bool = True
+    # None: SQLite in data_dir (one machine). postgresql://user:password@host:port/name:
+    # PostgreSQL (several annotators, a server that outlives the box); never logged
+    database_url: str | None = None
 
     @property
     def url(self) -> str:
@@ -113,11 +117,29 @@ def backend_secret(cfg: LabelStudioConfig) -> str:
     return os.environ.get(BACKEND_SECRET_ENV) or credentials(cfg)["backend_secret"]
 
 
+DATABASE_ENV = "VISIONLOOP_LABELSTUDIO_DATABASE"  # the URL, kept off command lines
+
+
+def database_env(url: str | None) -> dict[str, str]:
+    """Label Studio's database settings: SQLite, or PostgreSQL from a postgresql:// URL."""
+    if url is None:
+        return {"DJANGO_DB": "sqlite"}
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname or not parts.path[1:]:
+        # the URL may hold a password: name the shape, not the value
+        raise LabelStudioError("the Label Studio database must be "
+                               "postgresql://user:password@host:port/name")
+    return {"DJANGO_DB": "default", "POSTGRE_NAME": urllib.parse.unquote(parts.path[1:]),
+            "POSTGRE_USER": urllib.parse.unquote(parts.username or ""),
+            "POSTGRE_PASSWORD": urllib.parse.unquote(parts.password or ""),
+            "POSTGRE_HOST": parts.hostname, "POSTGRE_PORT": str(parts.port or 5432)}
+
+
 def _env(cfg: LabelStudioConfig) -> dict[str, str]:
     creds = credentials(cfg)
     env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
+    env.update(database_env(cfg.database_url))
     env.update({
-        "DJANGO_DB": "sqlite",
         "LABEL_STUDIO_BASE_DATA_DIR": str(cfg.data_dir.resolve()),
         "SECRET_KEY": creds["secret_key"],
         "LABEL_STUDIO_USERNAME": cfg.username,
@@ -133,6 +155,30 @@ def _env(cfg: LabelStudioConfig) -> dict[str, str]:
     if cfg.allow_local_urls:
         env.update(SSRF_PROTECTION_ENABLED="false", ML_BLOCK_LOCAL_IP="false")
     return env
+
+
+def add_annotator(cfg: LabelStudioConfig, email: str) -> str:
+    """Another user in the server's organisation, with a generated password and API token
+    (kept in the credentials file beside the others); returns the token. Uses Label
+    Studio's own `init` command: its users API sets no usable password. Idempotent."""
+    creds = credentials(cfg)
+    annotators = creds.get("annotators", {})
+    if email not in annotators:
+        annotators[email] = {"password": secrets.token_urlsafe(18), "token": secrets.token_hex(20)}
+        creds["annotators"] = annotators
+        staged = cfg.credentials_file.with_name(cfg.credentials_file.name + ".tmp")
+        staged.unlink(missing_ok=True)
+        _write_private(staged, creds)
+        os.replace(staged, cfg.credentials_file)
+    binary = (cfg.venv / "bin" / "label-studio").resolve()
+    # the user's secrets go through the environment (init reads them there), not argv
+    env = {**_env(cfg), "LABEL_STUDIO_USERNAME": email,
+           "LABEL_STUDIO_PASSWORD": annotators[email]["password"],
+           "LABEL_STUDIO_USER_TOKEN": annotators[email]["token"]}
+    subprocess.run([str(binary), "init", "--quiet", "--data-dir", str(cfg.data_dir.resolve())],
+                   cwd=cfg.data_dir, env=env, check=True, capture_output=True,
+                   stdin=subprocess.DEVNULL, timeout=300)
+    return annotators[email]["token"]
 
 
 def read_pid(cfg: LabelStudioConfig) -> int | None:

@@ -21,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from label_studio_sdk import LabelStudio
 from PIL import Image
 
 from core.capture_store import connect as connect_captures
@@ -40,7 +41,7 @@ from labeling.project import (
     connect_backend,
     ensure_project,
 )
-from labeling.pull import labelled_counts, pull
+from labeling.pull import annotator_report, labelled_counts, pull
 from labeling.push import PushOptions, push, queue_score
 from serving.capture import CapturePolicy, Capturer
 from serving.offline import InProcessModel
@@ -421,6 +422,46 @@ def test_label_studio_calls_the_ml_backend_for_predictions(labelstudio, trained_
         backend.server_close()
 
 
+def test_two_annotators_overlap_and_disagreements_follow_the_rule(
+        labelstudio, trained_version, pool_predictions, tmp_path):
+    root = capture_store(labelstudio, "two", pool_predictions[:8])
+    client, manifest, project = project_for(labelstudio, trained_version, "two annotators")
+    client.projects.update(id=project.id, maximum_annotations=2, overlap_cohort_percentage=100)
+    push(root, client, project, manifest.name, MINORITY, PushOptions(budget=4),
+         files_root=labelstudio.files_root)
+    second_email = "second@visionloop.invalid"
+    second = LabelStudio(base_url=labelstudio.url,
+                         api_key=server.add_annotator(labelstudio, second_email))
+    tasks = sorted(tasks_of(client, project), key=lambda t: t.data["priority"])
+    c = manifest.classes
+    # agree on two tasks, disagree on two; the second annotator answers last (newer)
+    for task, first_says, second_says in zip(tasks, (c[0], c[1], c[2], c[3]),
+                                             (c[0], c[1], c[4], c[5]), strict=True):
+        client.annotations.create(id=task.id, result=choice(first_says))
+        second.annotations.create(id=task.id, result=choice(second_says))
+    # a reviewer marks the first annotator's answer on task 3 as ground truth
+    mine = {a.completed_by: a.id for a in client.annotations.list(id=tasks[2].id)}
+    assert len(mine) == 2, mine  # one answer from each annotator
+    client.annotations.update(id=mine[client.users.whoami().id], ground_truth=True)
+
+    labels = tmp_path / "labels"
+    pull(labels, root, client, project)
+    decided = {p.name.split(".")[0]: p.parent.name for p in (labels / "images").rglob("*")
+               if p.is_file()}
+    # agreement -> that label; ground truth decides; a tie goes to the newest answer
+    assert [decided[t.data["capture_sha"]] for t in tasks] == [c[0], c[1], c[2], c[5]]
+    report = annotator_report(labels)
+    assert report["annotators"] == {
+        labelstudio.username: {"answers": 4, "agree_with_label": 0.75},
+        second_email: {"answers": 4, "agree_with_label": 0.75}}
+    assert report["pairs"] == {f"{labelstudio.username} | {second_email}":
+                               {"shared_tasks": 4, "agreement": 0.5}}
+    assert report["tasks_with_several_answers"] == 4 and report["tasks_with_disagreement"] == 2
+    shown = run_cli("label", "status", "--labels-dir", str(labels))
+    assert shown.returncode == 0 and json.loads(shown.stdout) == report
+    print(f"\nvisionloop label status: {json.dumps(report)}")
+
+
 def kill_label_studio(cfg: server.LabelStudioConfig) -> None:
     """kill -9 of the whole server (a crash, not a shutdown); its pid file stays behind."""
     pid = server.read_pid(cfg)
@@ -459,6 +500,15 @@ class KillOnFirstList:
 
 def test_label_studio_killed_mid_push_and_mid_pull_loses_nothing(
         labelstudio, trained_version, pool_predictions, tmp_path):
+    restarts = kill_9_loses_nothing(labelstudio, trained_version, pool_predictions, tmp_path)
+    print(f"Label Studio back {restarts[0]:.1f}s after a restart from kill -9")
+
+
+def kill_9_loses_nothing(labelstudio, trained_version, pool_predictions,
+                         tmp_path) -> list[float]:
+    """Label Studio killed after a push's first chunk and as a pull starts reading: only
+    what arrived is recorded, and after each restart push and pull catch up exactly.
+    Returns the restart times (s). Shared with the PostgreSQL run."""
     root = capture_store(labelstudio, "down", pool_predictions[:30])
     client, manifest, project = project_for(labelstudio, trained_version, "outage test")
     labels = tmp_path / "labels"
@@ -502,13 +552,15 @@ def test_label_studio_killed_mid_push_and_mid_pull_loses_nothing(
     assert (labels / "labels.sqlite3").read_bytes() == db_before
     assert len(list((labels / "images").rglob("*.png"))) == 6
 
+    started = time.monotonic()
     server.start(labelstudio)
+    second_restart_s = time.monotonic() - started
     client = connect(labelstudio)
     caught_up = pull(labels, root, client, project)
     assert (caught_up.added, caught_up.changed, caught_up.removed) == (4, 0, 0)
     tree = {p.name.split(".")[0]: p.parent.name for p in (labels / "images").rglob("*.png")}
     assert tree == {t.data["capture_sha"]: truth[t.data["capture_sha"]] for t in tasks[:10]}
-    print(f"Label Studio back {restart_s:.1f}s after a restart from kill -9")
+    return [restart_s, second_restart_s]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -150,7 +150,8 @@ def test_two_process_ddp_run_on_cpu(small_scenario, tmp_path):
 def test_default_head_learner_fits_on_cached_embeddings_and_keeps_the_prior(small_scenario,
                                                                             tmp_path):
     """The default learner: the frozen backbone's embeddings are cached, the head is fit,
-    exported like any version; a warm start with more labels keeps its parent's prior."""
+    exported like any version; a warm start with more labels keeps its parent's prior and
+    L2 strength."""
     common = dict(data=str(small_scenario), out=str(tmp_path / "store"), name="head",
                   num_workers=0, show_progress=False, work_dir=str(tmp_path / "runs"),
                   embedding_cache=str(tmp_path / "embeddings"))
@@ -165,3 +166,6 @@ def test_default_head_learner_fits_on_cached_embeddings_and_keeps_the_prior(smal
     assert child.parent_version == parent.version
     assert child.train_counts != parent.train_counts  # the val images were added
     assert child.metrics["prior_counts"] == parent.metrics["prior_counts"]
+    # and its L2 strength: one value tried, the parent's
+    assert child.metrics["head"]["l2"] == parent.metrics["head"]["l2"]
+    assert list(child.metrics["head"]["val_macro_f1_per_l2"]) == [str(parent.metrics["head"]["l2"])]

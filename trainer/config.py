@@ -35,7 +35,7 @@ class TrainConfig:
     # frozen and re-fit only the linear head on cached embeddings (trainer/head.py: seconds
     # on a CPU; a warm start keeps its parent's logit-adjustment prior)
     learner: str = "head"  # bench/learners.py: head 0.795 / 0.717 against finetune 0.764 / 0.584
-    head_l2: float | None = None  # head: L2 strength; None = chosen on val/ (head.L2_GRID)
+    head_l2: float | None = None  # head: L2; None = the parent's, else chosen on val/ (L2_GRID)
     embedding_cache: str = "runs/embeddings"  # head: embeddings by image sha256 + backbone
     weights: str = "DEFAULT"  # DEFAULT | none | path to a state_dict file
     parent: str | None = None  # warm start from out/<name>/<parent> (e.g. "v3") or "latest"

@@ -48,7 +48,7 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     name: str = "fashion"
     rounds: int = 3
-    budget: int = 60  # labels per round, for the loop and for the random baseline alike
+    budget: int = 100  # labels per round, for the loop and for the random baseline alike
     stream_per_round: int | None = None  # pool images sent per round; None: pool / rounds
     strategy: str = "class_balanced"
     # the champion: head = pretrained backbone frozen, linear head on its embeddings (the

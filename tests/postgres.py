@@ -1,0 +1,97 @@
+"""Debian's PostgreSQL as a test's own server: a fresh data directory, loopback only, a free
+port, a generated password, stopped by pid. `make setup` installs the package."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.ports import free_loopback_ports
+
+USER, DATABASE = "visionloop", "labelstudio"
+
+
+def binaries() -> Path:
+    """The newest installed server's bin/ (Debian keeps them off PATH)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parent.parent.name))
+    if not found:
+        raise RuntimeError("PostgreSQL is not installed: run `make setup`")
+    return found[-1].parent
+
+
+@dataclass
+class PostgresServer:
+    root: Path
+    port: int
+    password: str
+    process: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{USER}:{self.password}@127.0.0.1:{self.port}/{DATABASE}"
+
+
+def _as_owner() -> dict:
+    # initdb and postgres refuse to run as root; run them as Debian's postgres user then
+    return {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
+
+
+def start(timeout: float = 60.0) -> PostgresServer:
+    bin_dir = binaries()
+    # not under pytest's tmp: that is private to root, and the server runs as postgres
+    root = Path(tempfile.mkdtemp(prefix="visionloop-pg-"))
+    password = secrets.token_urlsafe(18)
+    (root / "pwfile").write_text(password + "\n")
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+        shutil.chown(root / "pwfile", "postgres", "postgres")
+    subprocess.run([str(bin_dir / "initdb"), "-D", str(root / "data"), "-U", USER,
+                    f"--pwfile={root / 'pwfile'}", "--auth=scram-sha-256", "-E", "UTF8"],
+                   check=True, capture_output=True, **_as_owner())
+    (port,) = free_loopback_ports(1)
+    log = open(root / "postgres.log", "ab")  # noqa: SIM115 - the server's whole life
+    process = subprocess.Popen(
+        [str(bin_dir / "postgres"), "-D", str(root / "data"), "-k", str(root), "-p", str(port),
+         "-c", "listen_addresses=127.0.0.1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **_as_owner())
+    server = PostgresServer(root, port, password, process)
+    deadline = time.monotonic() + timeout
+    while subprocess.run([str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                         capture_output=True).returncode != 0:
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(server)
+            raise RuntimeError(f"PostgreSQL did not start; see {root / 'postgres.log'}")
+        time.sleep(0.2)
+    subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", USER,
+                    DATABASE], check=True, capture_output=True,
+                   env={**os.environ, "PGPASSWORD": password})
+    return server
+
+
+def query(server: PostgresServer, sql: str) -> str:
+    """One value, as psql prints it unaligned."""
+    result = subprocess.run([str(binaries() / "psql"), "-h", "127.0.0.1", "-p", str(server.port),
+                             "-U", USER, "-d", DATABASE, "-tAc", sql], check=True,
+                            capture_output=True, text=True,
+                            env={**os.environ, "PGPASSWORD": server.password})
+    return result.stdout.strip()
+
+
+def stop(server: PostgresServer, timeout: float = 30.0) -> None:
+    """Fast shutdown (SIGINT) by pid, SIGKILL if it hangs; then remove its files."""
+    if server.process.poll() is None:
+        os.kill(server.process.pid, signal.SIGINT)
+        try:
+            server.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+    shutil.rmtree(server.root, ignore_errors=True)
