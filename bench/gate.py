@@ -12,7 +12,12 @@ the "truth" is the paired difference on test/:
 Reported: promoted among the truly worse (false promotion), kept out among the truly
 better (false rejection), and the counts.
 
+--kind random-labels: each challenger is the champion's training set plus 300 pool images
+drawn at random (what the demo's random branch trains on): near-equal challengers, the hard
+case for a non-inferiority margin.
+
     python -m bench.gate --challengers 60
+    python -m bench.gate --challengers 60 --kind random-labels
 """
 
 from __future__ import annotations
@@ -38,7 +43,20 @@ def predictions(learner: Learner, head: tuple, split: str) -> np.ndarray:
     return (learner.x[split] @ head[0].T + head[1]).argmax(axis=1)
 
 
-def challenger(learner: Learner, rng: np.random.Generator, with_minority: bool) -> tuple:
+KINDS = {"resample": "head re-fit on a bootstrap resample of the training set; every second "
+                     "one also with the pool's 90 minority images",
+         "random-labels": "head re-fit on the training set plus 300 pool images drawn at "
+                          "random, a new draw each"}
+RANDOM_LABELS = 300
+
+
+def challenger(learner: Learner, rng: np.random.Generator, with_minority: bool,
+               kind: str = "resample") -> tuple:
+    if kind == "random-labels":
+        picks = rng.choice(len(learner.y["pool"]), RANDOM_LABELS, replace=False)
+        x = np.concatenate([learner.x["train"], learner.x["pool"][picks]])
+        y = np.concatenate([learner.train_y, learner.y["pool"][picks]])
+        return fit_linear_head(x, y, learner.prior, l2=learner.l2, init=learner.champion)
     rows = rng.integers(0, len(learner.train_y), len(learner.train_y))
     x, y = learner.x["train"][rows], learner.train_y[rows]
     if with_minority:
@@ -52,8 +70,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--challengers", type=int, default=60)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench-al"))
-    parser.add_argument("--out", type=Path, default=Path("bench/results/gate-cpu.md"))
+    parser.add_argument("--kind", choices=tuple(KINDS), default="resample")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: bench/results/gate-cpu.md (resample), "
+                             "gate-cpu-random-labels.md")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = Path("bench/results/" + ("gate-cpu.md" if args.kind == "resample"
+                                            else f"gate-cpu-{args.kind}.md"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     scenario = default_scenario()
     data = build_data(args.work_dir, scenario, 0)
@@ -68,7 +92,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for i in range(args.challengers):
-        head = challenger(learner, rng, with_minority=i % 2 == 1)
+        head = challenger(learner, rng, with_minority=i % 2 == 1, kind=args.kind)
         pred = {s: predictions(learner, head, s) for s in ("val", "test")}
         promoted, _, _ = decide(learner.y["val"], champion["val"], pred["val"], len(classes),
                                 minority, rule, seed=i)
@@ -76,27 +100,30 @@ def main() -> None:
                                   len(classes), minority, resamples=10, seed=i)
         worse = any(truth[k].estimate < -margin[k] for k in margin)
         better = all(truth[k].estimate >= 0 for k in margin)
-        rows.append((i % 2 == 1, promoted, worse, better, truth["macro_f1"].estimate,
-                     truth["minority_recall"].estimate))
+        rows.append((i % 2 == 1 and args.kind == "resample", promoted, worse, better,
+                     truth["macro_f1"].estimate, truth["minority_recall"].estimate))
         log.info("challenger %d: promoted %s, test delta macro-F1 %+.4f, minority recall "
                  "%+.4f", i, promoted, rows[-1][4], rows[-1][5])
     worse = [r for r in rows if r[2]]
     better = [r for r in rows if r[3]]
     lines = ["# The gate's wrong decisions over noise-only retrains", "",
-             f"`python -m bench.gate --challengers {args.challengers}`: {len(rows)} challengers "
-             "(head re-fit on a bootstrap resample of the training set; every second one also "
-             "with the pool's 90 minority images), gate on val/ (1000 images), truth on test/ "
-             f"(5000). Rule: {rule.describe()}.", "",
+             f"`python -m bench.gate --challengers {args.challengers} --kind {args.kind}`: "
+             f"{len(rows)} challengers ({KINDS[args.kind]}), gate on val/ (1000 images), truth "
+             f"on test/ (5000). Rule: {rule.describe()}.", "",
              "| | challengers | promoted | kept out |", "|---|---|---|---|",
              f"| truly worse (test delta below -margin) | {len(worse)} | "
              f"{sum(r[1] for r in worse)} | {sum(not r[1] for r in worse)} |",
              f"| truly better (test delta >= 0 on both) | {len(better)} | "
              f"{sum(r[1] for r in better)} | {sum(not r[1] for r in better)} |",
+             f"| neither (within the margin, below 0 on one) | "
+             f"{len(rows) - len(worse) - len(better)} | "
+             f"{sum(r[1] for r in rows if not r[2] and not r[3])} | "
+             f"{sum(not r[1] for r in rows if not r[2] and not r[3])} |",
              f"| all | {len(rows)} | {sum(r[1] for r in rows)} | "
              f"{sum(not r[1] for r in rows)} |", "",
              f"False promotion rate: {sum(r[1] for r in worse)}/{len(worse)}; false rejection "
              f"rate: {sum(not r[1] for r in better)}/{len(better)}.", "",
-             "| challenger | + pool minority | promoted | test delta macro-F1 | "
+             "| challenger | + pool minority (resample) | promoted | test delta macro-F1 | "
              "test delta minority recall |", "|---|---|---|---|---|"]
     lines += [f"| {i} | {'yes' if r[0] else 'no'} | {'yes' if r[1] else 'no'} | {r[4]:+.4f} | "
               f"{r[5]:+.4f} |" for i, r in enumerate(rows)]

@@ -2,7 +2,7 @@
 
 Same decode / preprocess / postprocess as the TorchServe handler, run in-process on the
 TorchScript artifact: a task's image is fetched from Label Studio (local files need its
-token) or decoded from a data: URI.
+token: a legacy one or a personal access token) or decoded from a data: URI.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from core.model_store import ModelStore
 from core.registry import resolve
+from labeling.client import AuthHeader
 from labeling.project import FROM_NAME, IMAGE_KEY, TO_NAME
 from serving.offline import BadInput, InProcessModel
 
@@ -24,7 +25,8 @@ class Predictor:
     def __init__(self, store: Path, model: str, version: str, labelstudio_url: str,
                  token: str) -> None:
         self.store, self.model, self.requested_version = ModelStore(store), model, version
-        self.labelstudio_url, self.token = labelstudio_url.rstrip("/"), token
+        self.labelstudio_url = labelstudio_url.rstrip("/")
+        self.auth = AuthHeader(self.labelstudio_url, token)
         self.loaded: InProcessModel | None = None
         self.reload()
 
@@ -46,7 +48,7 @@ class Predictor:
         url = reference if reference.startswith("http") else self.labelstudio_url + reference
         if not url.startswith(self.labelstudio_url + "/"):
             raise BadInput(400, f"image URL {url!r} is not on the Label Studio server")
-        request = urllib.request.Request(url, headers={"Authorization": f"Token {self.token}"})
+        request = urllib.request.Request(url, headers={"Authorization": self.auth()})
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.read()
 

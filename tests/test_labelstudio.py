@@ -31,7 +31,7 @@ from core.scenario import read_pool
 from labeling import server
 from labeling.backend_auth import SECRET_HEADER
 from labeling.backend_server import BackendServer, serve_in_thread
-from labeling.client import LabelStudioUnavailable, connect
+from labeling.client import AuthHeader, LabelStudioUnavailable, connect
 from labeling.events import RetrainTrigger
 from labeling.predictor import Predictor
 from labeling.project import (
@@ -460,6 +460,37 @@ def test_two_annotators_overlap_and_disagreements_follow_the_rule(
     shown = run_cli("label", "status", "--labels-dir", str(labels))
     assert shown.returncode == 0 and json.loads(shown.stdout) == report
     print(f"\nvisionloop label status: {json.dumps(report)}")
+
+
+def test_a_personal_access_token_works_for_every_call_the_project_makes(
+        labelstudio, trained_version, pool_predictions, tmp_path):
+    legacy = connect(labelstudio)
+    legacy.jwt_settings.update(api_token_ttl_days=30, api_tokens_enabled=True,
+                               legacy_api_tokens_enabled=True)
+    token = legacy.tokens.create().token  # what a user copies from "Account & Settings"
+    assert AuthHeader(labelstudio.url, token).personal
+    client = LabelStudio(base_url=labelstudio.url, api_key=token)
+    manifest = ModelManifest.load(trained_version)
+    project = ensure_project(client, "personal token test", manifest.classes)
+    root = capture_store(labelstudio, "personal", pool_predictions[:6])
+    assert push(root, client, project, manifest.name, MINORITY, PushOptions(budget=3),
+                files_root=labelstudio.files_root).pushed == 3
+    tasks = tasks_of(client, project)
+    for task in tasks:
+        client.annotations.create(id=task.id, result=choice(manifest.classes[0]))
+    assert pull(tmp_path / "labels", root, client, project).added == 3
+    # the ML backend fetches a local-files image (Label Studio serves those with auth)
+    store = trained_version.parent.parent
+    predictor = Predictor(store, manifest.name, manifest.version, labelstudio.url, token)
+    image = predictor.image_bytes(tasks[0].data["image"])
+    assert hashlib.sha256(image).hexdigest() == tasks[0].data["capture_sha"]
+    assert predictor.auth().startswith("Bearer ")
+    (result,) = predictor.predict([{"id": tasks[0].id, "data": tasks[0].data}])
+    assert result["result"], result
+    stranger = Predictor(store, manifest.name, manifest.version, labelstudio.url, "0" * 40)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        stranger.image_bytes(tasks[0].data["image"])
+    assert refused.value.code in (401, 403)
 
 
 def kill_label_studio(cfg: server.LabelStudioConfig) -> None:
