@@ -15,13 +15,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # compose v1 (Debian): validates docker-compose.yml without a Docker engine (tests/test_compose.py)
 DOCKER_COMPOSE := /usr/bin/docker-compose
+CHROMEDRIVER := /usr/bin/chromedriver
 DATA := data/fashion-mnist-lt
 MINORITY := coat,sandal,bag
 
 .PHONY: setup java postgres demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling bench-loop clean-venv
 
 setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST) \
-	$(DOCKER_COMPOSE) java postgres
+	$(DOCKER_COMPOSE) java postgres $(CHROMEDRIVER)
 
 # torch first, from the pinned releases, so no resolver pulls another torch build.
 $(VENV)/.installed-$(ORT): pyproject.toml
@@ -48,6 +49,12 @@ $(FASHION_MNIST):
 java:
 	@command -v java >/dev/null || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq --no-install-recommends openjdk-17-jre-headless; }
+
+# Debian's Chromium and its driver: tests/test_browser.py is an annotator in a real browser
+# (Selenium drives the system Chromium; nothing is downloaded).
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver
 
 # Debian's PostgreSQL server (binaries only are needed): the tests of Label Studio on
 # PostgreSQL start their own instance in a temporary data directory (tests/postgres.py).

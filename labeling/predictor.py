@@ -57,7 +57,9 @@ class Predictor:
         images, usable = [], []
         for i, task in enumerate(tasks):
             try:
-                images.append(self.image_bytes(task["data"][IMAGE_KEY]))
+                # push's tasks name the captured original beside what annotators are shown
+                data = task["data"]
+                images.append(self.image_bytes(data.get("capture_image") or data[IMAGE_KEY]))
                 usable.append(i)
             except (BadInput, KeyError, OSError, ValueError) as exc:
                 log.warning("task %s: no image (%s)", task.get("id"), exc)

@@ -31,6 +31,7 @@ from PIL import Image
 from core.capture_store import READER_BUSY_TIMEOUT_S, CaptureStore, image_path
 from labeling.client import unavailable_as_error
 from labeling.dedupe import NearDuplicateFilter, thumbnail_signature
+from labeling.display import display_dir, display_image
 from labeling.project import FROM_NAME, IMAGE_KEY, QUEUE_MODEL_VERSION, TO_NAME, Project
 from labeling.push_options import PushOptions
 from labeling.strategies import rank
@@ -100,8 +101,9 @@ def unlinked_candidates(store: CaptureStore, model: str,
     return list(newest.values()), usable
 
 
-def image_reference(capture_dir: Path, files_root: Path, sha: str, options: PushOptions) -> str:
-    path = image_path(capture_dir, sha)
+def file_reference(path: Path, files_root: Path, options: PushOptions) -> str:
+    """How Label Studio reaches a file: inline as a data: URI (base64 transport, small
+    files) or as a local file under its document root."""
     if options.transport == "base64" and path.stat().st_size <= options.base64_max_bytes:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as image:
@@ -112,22 +114,35 @@ def image_reference(capture_dir: Path, files_root: Path, sha: str, options: Push
     return f"/data/local-files/?d={relative.as_posix()}"
 
 
+def task_images(capture_dir: Path, files_root: Path, sha: str,
+                options: PushOptions) -> dict[str, str]:
+    """The task's `image` (what the annotator is shown: labeling.display) and
+    `capture_image` (the captured original, what the ML backend predicts on)."""
+    original = image_path(capture_dir, sha)
+    return {IMAGE_KEY: file_reference(display_image(capture_dir, sha), files_root, options),
+            "capture_image": file_reference(original, files_root, options)}
+
+
 def ensure_local_storage(client: LabelStudio, project: Project, capture_dir: Path) -> None:
     """Label Studio serves a local file only inside a storage the project has (never synced:
-    tasks are imported by push, with their predictions)."""
-    images = str((capture_dir / "images").resolve())
+    tasks are imported by push, with their predictions): the captures and their display
+    copies."""
+    display_dir(capture_dir).mkdir(parents=True, exist_ok=True)
+    wanted = {"captures": str((capture_dir / "images").resolve()),
+              "display copies": str(display_dir(capture_dir).resolve())}
     with unavailable_as_error("checking local storage"):
-        if any(s.path == images for s in client.import_storage.local.list(project=project.id)):
-            return
-        client.import_storage.local.create(project=project.id, path=images, title="captures",
-                                           use_blob_urls=False)
+        known = {s.path for s in client.import_storage.local.list(project=project.id)}
+        for title, path in wanted.items():
+            if path not in known:
+                client.import_storage.local.create(project=project.id, path=path, title=title,
+                                                   use_blob_urls=False)
 
 
 def task_payload(candidate: Candidate, priority: int, push_number: int, pushed: int,
-                 strategy: str, image: str) -> dict:
+                 strategy: str, images: dict[str, str]) -> dict:
     choice = {"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
               "value": {"choices": [candidate.predicted]}}
-    data = {IMAGE_KEY: image, "capture_sha": candidate.sha, "predicted": candidate.predicted,
+    data = {**images, "capture_sha": candidate.sha, "predicted": candidate.predicted,
             "push": push_number, "priority": priority, "strategy": strategy,
             "model_version": candidate.model_version,
             **{k: round(v, 4) for k, v in candidate.scores.items()}}
@@ -206,7 +221,7 @@ def push(capture_dir: Path, client: LabelStudio, project: Project, model: str,
             chunk = chosen[start:start + options.chunk_size]
             tasks = [task_payload(c, start + i + 1, existing.last_push + 1, len(chosen),
                                   options.strategy,
-                                  image_reference(capture_dir, files_root, c.sha, options))
+                                  task_images(capture_dir, files_root, c.sha, options))
                      for i, c in enumerate(chunk)]
             with unavailable_as_error(f"importing tasks {start + 1}-{start + len(chunk)}"):
                 response = client.projects.import_tasks(id=project.id, request=tasks,

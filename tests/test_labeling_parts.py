@@ -4,6 +4,7 @@ the labeling config and the retrain trigger (real subprocess)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import stat
@@ -161,3 +162,26 @@ def test_credentials_made_before_the_backend_secret_gain_one(tmp_path: Path):
     assert creds["token"] == "t" * 40 and len(creds["backend_secret"]) >= 32
     assert labelstudio_server.credentials(cfg) == creds  # made once
     assert stat.S_IMODE(cfg.credentials_file.stat().st_mode) == 0o600
+
+
+def test_small_images_get_an_enlarged_display_copy_of_the_same_pixels(tmp_path: Path):
+    from core.capture_store import image_path
+    from labeling.display import MIN_SIDE, display_image
+
+    small = Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28), "L")
+    big = Image.new("RGB", (MIN_SIDE, 80))
+    shas = []
+    for image in (small, big):
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        sha = hashlib.sha256(buf.getvalue()).hexdigest()
+        image_path(tmp_path, sha).parent.mkdir(parents=True, exist_ok=True)
+        image_path(tmp_path, sha).write_bytes(buf.getvalue())
+        shas.append(sha)
+    shown = display_image(tmp_path, shas[0])
+    assert shown != image_path(tmp_path, shas[0]) and shown.suffix == ".png"
+    with Image.open(shown) as enlarged:
+        assert enlarged.size == (84, 84)  # x3, the smallest whole factor reaching 64
+        assert np.array_equal(np.asarray(enlarged)[::3, ::3], np.asarray(small))
+    assert display_image(tmp_path, shas[0]) == shown  # made once
+    assert display_image(tmp_path, shas[1]) == image_path(tmp_path, shas[1])  # large enough

@@ -120,7 +120,9 @@ def test_push_ranks_imports_predictions_and_is_idempotent(labelstudio, trained_v
         assert task.data["model_version"] == manifest.version
         assert prediction.result[0]["value"]["choices"] == [reply.label]
         # the image is served by Label Studio from the capture store, not copied into it
-        assert task.data["image"].startswith("/data/local-files/?d=push/images/")
+        assert task.data["capture_image"].startswith("/data/local-files/?d=push/images/")
+        # 28 px: annotators are shown an enlarged copy (labeling.display)
+        assert task.data["image"].startswith("/data/local-files/?d=push/display/")
     linked = links(root)
     assert {s: linked[s] for s in expected} == {t.data["capture_sha"]: t.id for t in tasks}
 
@@ -482,14 +484,14 @@ def test_a_personal_access_token_works_for_every_call_the_project_makes(
     # the ML backend fetches a local-files image (Label Studio serves those with auth)
     store = trained_version.parent.parent
     predictor = Predictor(store, manifest.name, manifest.version, labelstudio.url, token)
-    image = predictor.image_bytes(tasks[0].data["image"])
+    image = predictor.image_bytes(tasks[0].data["capture_image"])
     assert hashlib.sha256(image).hexdigest() == tasks[0].data["capture_sha"]
     assert predictor.auth().startswith("Bearer ")
     (result,) = predictor.predict([{"id": tasks[0].id, "data": tasks[0].data}])
     assert result["result"], result
     stranger = Predictor(store, manifest.name, manifest.version, labelstudio.url, "0" * 40)
     with pytest.raises(urllib.error.HTTPError) as refused:
-        stranger.image_bytes(tasks[0].data["image"])
+        stranger.image_bytes(tasks[0].data["capture_image"])
     assert refused.value.code in (401, 403)
 
 
