@@ -95,7 +95,8 @@ def test_label_studio_listens_on_loopback_only_and_keeps_its_secrets(labelstudio
 
     creds = labelstudio_server.credentials(labelstudio)
     assert stat.S_IMODE(labelstudio.credentials_file.stat().st_mode) == 0o600
-    secrets = [creds["token"], creds["password"]]
+    secrets = [creds["token"], creds["password"], creds["backend_secret"],
+               *(v for user in creds.get("annotators", {}).values() for v in user.values())]
     status = subprocess.run([sys.executable, "-m", "visionloop.cli", "labelstudio", "status",
                              "--labelstudio-dir", str(labelstudio.data_dir),
                              "--labelstudio-port", str(labelstudio.port)],
