@@ -21,6 +21,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.fsutil import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 # Plain names Label Studio also reads from the environment (they would override its flags).
@@ -82,21 +84,14 @@ def credentials(cfg: LabelStudioConfig) -> dict[str, str]:
         if not missing:
             return known
         known.update(missing)
-        staged = path.with_name(path.name + ".tmp")
-        staged.unlink(missing_ok=True)
-        _write_private(staged, known)
-        os.replace(staged, path)
+        atomic_write_json(path, known)  # a mkstemp file: mode 0600 like the first one
         return known
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     created = _new_credentials()
-    _write_private(path, created)
-    return created
-
-
-def _write_private(path: Path, values: dict[str, str]) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(values, f)
+        json.dump(created, f)
+    return created
 
 
 TOKEN_ENV = "VISIONLOOP_LABELSTUDIO_TOKEN"
@@ -166,10 +161,7 @@ def add_annotator(cfg: LabelStudioConfig, email: str) -> str:
     if email not in annotators:
         annotators[email] = {"password": secrets.token_urlsafe(18), "token": secrets.token_hex(20)}
         creds["annotators"] = annotators
-        staged = cfg.credentials_file.with_name(cfg.credentials_file.name + ".tmp")
-        staged.unlink(missing_ok=True)
-        _write_private(staged, creds)
-        os.replace(staged, cfg.credentials_file)
+        atomic_write_json(cfg.credentials_file, creds)
     binary = (cfg.venv / "bin" / "label-studio").resolve()
     # the user's secrets go through the environment (init reads them there), not argv
     env = {**_env(cfg), "LABEL_STUDIO_USERNAME": email,

@@ -54,10 +54,8 @@ def class_balanced(probs: np.ndarray, minority: list[int], budget: int,
 
     Those places go to the highest probability mass on the minority classes (a coat the
     model calls a shirt at 0.55 still carries 0.4 on coat); the rest of the order is least
-    confidence over what is left. Without minority classes it is least confidence.
+    confidence over what is left.
     """
-    if not minority or budget <= 0:
-        return _descending(least_confidence(probs))
     minority_mass = probs[:, minority].sum(axis=1)
     return _reserved_first(probs, _descending(minority_mass)[:_quota(len(probs), budget,
                                                                      minority_share)])
@@ -88,8 +86,6 @@ def minority_boundary(probs: np.ndarray, minority: list[int], budget: int,
     own posterior flips is the top of the minority-mass order, which class_balanced takes.
     Use it where the pool is close to balanced.
     """
-    if not minority or budget <= 0:
-        return _descending(least_confidence(probs))
     queues = []
     for k in minority:
         odds = one_vs_rest_log_odds(probs, k)
@@ -130,7 +126,9 @@ def rank(probs: np.ndarray, strategy: str, *, budget: int, minority: list[int] |
     if strategy in RESERVING:
         if not 0.0 <= minority_share <= 1.0:
             raise ValueError(f"minority share must be within [0, 1], got {minority_share}")
-        return RESERVING[strategy](probs, list(minority or []), budget, minority_share)
+        if not minority or budget <= 0:  # nothing to reserve places for: least confidence
+            return _descending(least_confidence(probs))
+        return RESERVING[strategy](probs, list(minority), budget, minority_share)
     if strategy == "random":
         return np.random.default_rng(seed).permutation(len(probs))
     raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
