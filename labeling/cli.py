@@ -82,6 +82,9 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     push.add_argument("--near-duplicate-correlation", type=float,
                       default=NEAR_DUPLICATE_CORRELATION)
     push.add_argument("--seed", type=int, default=0, help="for --strategy random")
+    push.add_argument("--capture-database", metavar="URL",
+                      help="the capture index the replicas write (postgresql://...; default: "
+                           "$VISIONLOOP_CAPTURE_DATABASE, else SQLite in --capture-dir)")
     pull = sub.add_parser("pull", help="bring finished annotations back as training data")
     backend = sub.add_parser("backend", help="serve the ML backend and the webhook receiver")
     backend.add_argument("--host", default="127.0.0.1")
@@ -123,7 +126,7 @@ def _push(args: argparse.Namespace) -> int:
                           minority_share=args.minority_share, transport=args.transport,
                           min_correlation=args.near_duplicate_correlation, seed=args.seed)
     result = push(args.capture_dir, client, project, manifest.name, minority, options,
-                  files_root=cfg.files_root)
+                  files_root=cfg.files_root, capture_database=args.capture_database)
     summary = asdict(result)
     ids = summary.pop("task_ids")
     summary["task_ids"] = f"{min(ids)}-{max(ids)}" if ids else "none"

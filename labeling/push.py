@@ -183,14 +183,15 @@ def choose(candidates: list[Candidate], order: np.ndarray, capture_dir: Path,
 def push(capture_dir: Path, client: LabelStudio, project: Project, model: str,
          minority: list[str], options: PushOptions,
          on_chunk: Callable[[int], None] | None = None,
-         files_root: Path | None = None) -> PushResult:
+         files_root: Path | None = None, capture_database: str | None = None) -> PushResult:
     """Push up to options.budget new tasks; see the module docstring for the steps.
 
     files_root: Label Studio's local-files document root, when it is not the capture dir.
+    capture_database: the capture index's URL (core.capture_store.database_url).
     """
     capture_dir = Path(capture_dir)
     files_root = Path(files_root) if files_root is not None else capture_dir
-    store = CaptureStore(capture_dir, busy_timeout_s=READER_BUSY_TIMEOUT_S)
+    store = CaptureStore(capture_dir, busy_timeout_s=READER_BUSY_TIMEOUT_S, url=capture_database)
     try:
         result = PushResult()
         existing = project_tasks(client, project)

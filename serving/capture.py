@@ -4,14 +4,13 @@ a reply. The store itself (files, schema, transaction) is core.capture_store."""
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.capture_store import CaptureStore
+from core.capture_store import CaptureStore, CaptureStoreError
 from core.manifest import ModelManifest
 from core.reply import Prediction, Uncertainty
 
@@ -65,8 +64,9 @@ class Capturer:
     """The handler's side of the store: applies the policy and the rate cap, counts, and
     never raises (a full disk or a locked database is logged; the reply goes out)."""
 
-    def __init__(self, root: str | Path, policy: CapturePolicy = CapturePolicy()) -> None:
-        self.store, self.policy = CaptureStore(root), policy
+    def __init__(self, root: str | Path, policy: CapturePolicy = CapturePolicy(),
+                 database: str | None = None) -> None:
+        self.store, self.policy = CaptureStore(root, url=database), policy
         self.counts = {"captured": 0, "dropped_rate_limit": 0, "errors": 0}
         self._lock = threading.Lock()
         self._window_start, self._window_count = time.monotonic(), 0
@@ -94,7 +94,7 @@ class Capturer:
                 return captured
             try:
                 self.store.write([items[i] for i in chosen])
-            except (OSError, sqlite3.Error, ValueError) as exc:
+            except (OSError, CaptureStoreError, ValueError) as exc:
                 self.counts["errors"] += len(chosen)
                 log.error("capture of %d predictions failed (the replies still go out): %s",
                           len(chosen), exc)

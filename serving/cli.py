@@ -101,6 +101,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require TorchServe's keys (HOME/key_file.json) on every API")
     parser.add_argument("--model-store", type=Path, default=ServerConfig.model_store)
     parser.add_argument("--capture-dir", type=Path, default=ServerConfig.capture_dir)
+    parser.add_argument("--capture-database", metavar="URL",
+                        help="the capture index: postgresql://... shared by replicas, or "
+                             "sqlite:///PATH (default: $VISIONLOOP_CAPTURE_DATABASE, else "
+                             "SQLite in --capture-dir); the variable keeps a password out of "
+                             "the process list")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=FILE.mar",
                         help="model to load at start (repeatable), e.g. fm=fm-v1-onnx.mar")
     parser.add_argument("--inference-port", type=int, default=ServerConfig.inference_port)
@@ -114,6 +119,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     cfg = ServerConfig(home=args.home, model_store=args.model_store, capture_dir=args.capture_dir,
+                       capture_database=args.capture_database,
                        host=args.host, token_auth=args.token_auth,
                        inference_port=args.inference_port, management_port=args.management_port,
                        metrics_port=args.metrics_port,

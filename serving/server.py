@@ -19,6 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.capture_store import DATABASE_ENV
 from serving.archive_check import check_archive
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class ServerConfig:
     home: Path = Path("runs/torchserve")  # working dir: logs/, tmp/ (pid file, sockets)
     model_store: Path = Path("runs/torchserve/model-store")  # where the .mar files are
     capture_dir: Path = Path("captures")  # the capture store the workers write
+    # its index: None = $VISIONLOOP_CAPTURE_DATABASE or SQLite in capture_dir (core.capture_store)
+    capture_database: str | None = None
     host: str = "127.0.0.1"  # loopback only; put a proxy in front to expose it
     inference_port: int = 8080
     management_port: int = 8081
@@ -86,6 +89,8 @@ def _env(cfg: ServerConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.update(TMPDIR=str(cfg.tmp.resolve()), TEMP=str(cfg.tmp.resolve()),
                VISIONLOOP_CAPTURE_DIR=str(cfg.capture_dir.resolve()))
+    if cfg.capture_database:
+        env[DATABASE_ENV] = cfg.capture_database  # the workers' env: not in the process list
     return env
 
 

@@ -51,3 +51,27 @@ def labelstudio(tmp_path_factory: pytest.TempPathFactory):
     server.start(cfg)
     yield cfg
     server.stop(cfg)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """Debian's PostgreSQL on a free loopback port, for the whole session (tests/postgres.py)."""
+    from tests import postgres
+
+    db = postgres.start()
+    yield db
+    postgres.stop(db)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def capture_database(request) -> str | None:
+    """Each capture-store test runs on both index backends: None is the default SQLite file
+    in the capture directory; otherwise the URL of a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    import uuid
+
+    from tests import postgres
+
+    server = request.getfixturevalue("postgres_server")
+    return postgres.create_database(server, f"captures_{uuid.uuid4().hex[:12]}")

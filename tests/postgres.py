@@ -76,12 +76,32 @@ def start(timeout: float = 60.0) -> PostgresServer:
     return server
 
 
-def query(server: PostgresServer, sql: str) -> str:
+def create_database(server: PostgresServer, name: str) -> str:
+    """A new empty database on the server; returns its URL."""
+    subprocess.run([str(binaries() / "createdb"), "-h", "127.0.0.1", "-p", str(server.port),
+                    "-U", USER, name], check=True, capture_output=True,
+                   env={**os.environ, "PGPASSWORD": server.password})
+    return server.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def query(server: PostgresServer, sql: str, database: str = DATABASE) -> str:
     """One value, as psql prints it unaligned."""
     result = subprocess.run([str(binaries() / "psql"), "-h", "127.0.0.1", "-p", str(server.port),
-                             "-U", USER, "-d", DATABASE, "-tAc", sql], check=True,
+                             "-U", USER, "-d", database, "-tAc", sql], check=True,
                             capture_output=True, text=True,
                             env={**os.environ, "PGPASSWORD": server.password})
+    return result.stdout.strip()
+
+
+def query_url(url: str, sql: str) -> str:
+    """One value from the database at `url`, as psql prints it unaligned."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    result = subprocess.run([str(binaries() / "psql"), "-h", parts.hostname, "-p",
+                             str(parts.port), "-U", parts.username, "-d", parts.path[1:],
+                             "-tAc", sql], check=True, capture_output=True, text=True,
+                            env={**os.environ, "PGPASSWORD": parts.password or ""})
     return result.stdout.strip()
 
 

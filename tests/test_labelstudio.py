@@ -12,6 +12,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ import pytest
 from label_studio_sdk import LabelStudio
 from PIL import Image
 
-from core.capture_store import connect as connect_captures
+from core.capture_store import DB_FILE, CaptureStore
 from core.manifest import ModelManifest
 from core.ports import free_loopback_ports
 from core.scenario import read_pool
@@ -69,11 +70,11 @@ def capture_store(labelstudio, name: str, predictions) -> Path:
 
 
 def links(root: Path) -> dict[str, int | None]:
-    conn = connect_captures(root / "captures.sqlite3")
+    store = CaptureStore(root)
     try:
-        return dict(conn.execute("SELECT image_sha256, task_id FROM captures").fetchall())
+        return {r.sha: r.task_id for r in store.captures()}
     finally:
-        conn.close()
+        store.close()
 
 
 def project_for(labelstudio, trained_version: Path, title: str):
@@ -129,7 +130,7 @@ def test_push_ranks_imports_predictions_and_is_idempotent(labelstudio, trained_v
     # a repeat with nothing new creates nothing; a lost record is found again, not re-imported
     assert push(root, client, project, manifest.name, MINORITY,
                 PushOptions(budget=0), files_root=labelstudio.files_root).pushed == 0
-    conn = connect_captures(root / "captures.sqlite3")
+    conn = sqlite3.connect(root / DB_FILE, isolation_level=None)  # a record lost in a crash
     conn.execute("UPDATE captures SET task_id = NULL WHERE image_sha256 IN (?, ?)",
                  tuple(expected[:2]))
     conn.close()

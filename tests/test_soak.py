@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from core.capture_store import connect, image_path
+from core.capture_store import DB_FILE, image_path
 from serving import server
 from serving.archive import package
 from tests.servers import free_ports, predict, worker_pids
@@ -98,7 +99,7 @@ def test_worker_killed_mid_soak_loses_no_capture(trained_version, small_scenario
     assert len(failed) <= RATE_PER_SECOND * (back - killed + 2)
     assert after_recovery and all(o.status == 200 for o in after_recovery)
 
-    conn = connect(cfg.capture_dir / "captures.sqlite3")
+    conn = sqlite3.connect(cfg.capture_dir / DB_FILE)
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     rows = Counter(sha for (sha,) in conn.execute("SELECT image_sha256 FROM captures"))
     captured = Counter(o.sha for o in outcomes if o.captured)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from core.capture_store import connect, image_path
+from core.capture_store import CaptureStore, image_path
 from core.manifest import ModelManifest
 from core.preprocess import preprocess_image
 from serving import server
@@ -102,9 +102,8 @@ def test_good_and_bad_requests_in_one_batch_get_their_own_status(torchserve, sma
 
 
 def test_uncertain_predictions_are_in_the_capture_store(torchserve, small_scenario):
-    db = torchserve.capture_dir / "captures.sqlite3"
-    torchserve.capture_dir.mkdir(parents=True, exist_ok=True)
-    before = connect(db).execute("SELECT count(*) FROM captures").fetchone()[0]
+    store = CaptureStore(torchserve.capture_dir)
+    before = len(store.captures())
     captured = []
     for path in sorted((small_scenario / "pool").iterdir())[:40]:
         status, reply = predict(torchserve, "fm_torchscript", path.read_bytes())
@@ -113,14 +112,14 @@ def test_uncertain_predictions_are_in_the_capture_store(torchserve, small_scenar
         if reply["captured"]:
             captured.append(path.read_bytes())
     assert captured, "no pool image was uncertain enough to capture"
-    conn = connect(db)
-    after = conn.execute("SELECT count(*) FROM captures").fetchone()[0]
-    assert after - before == len(captured)
+    after = store.captures()
+    store.close()
+    assert len(after) - before == len(captured)
+    by_image = {r.sha: r for r in after}
     for body in captured:
         sha = hashlib.sha256(body).hexdigest()
         assert image_path(torchserve.capture_dir, sha).read_bytes() == body
-        assert conn.execute("SELECT max_prob < 0.7 FROM captures WHERE image_sha256 = ?",
-                            (sha,)).fetchone() == (1,)
+        assert max(by_image[sha].probabilities) < 0.7
     metrics = urllib.request.urlopen(f"{torchserve.url('metrics')}/metrics", timeout=10).read()
     lines = metrics.decode().splitlines()
     captured_total = sum(float(line.rsplit(" ", 1)[1]) for line in lines
