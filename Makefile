@@ -16,13 +16,14 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # compose v1 (Debian): validates docker-compose.yml without a Docker engine (tests/test_compose.py)
 DOCKER_COMPOSE := /usr/bin/docker-compose
 CHROMEDRIVER := /usr/bin/chromedriver
+HAPROXY := /usr/sbin/haproxy
 DATA := data/fashion-mnist-lt
 MINORITY := coat,sandal,bag
 
 .PHONY: setup java postgres demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling bench-loop clean-venv
 
 setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST) \
-	$(DOCKER_COMPOSE) java postgres $(CHROMEDRIVER)
+	$(DOCKER_COMPOSE) java postgres $(CHROMEDRIVER) $(HAPROXY)
 
 # torch first, from the pinned releases, so no resolver pulls another torch build.
 $(VENV)/.installed-$(ORT): pyproject.toml
@@ -56,11 +57,18 @@ $(CHROMEDRIVER):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver
 
-# Debian's PostgreSQL server (binaries only are needed): the tests of Label Studio on
-# PostgreSQL start their own instance in a temporary data directory (tests/postgres.py).
+# Debian's PostgreSQL server (binaries only are needed): the tests of Label Studio and of
+# the capture index on PostgreSQL start their own instance in a temporary data directory
+# (tests/postgres.py).
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		$(SUDO) apt-get install -y -qq --no-install-recommends postgresql; }
+
+# Debian's HAProxy: tests/test_replicas.py puts it in front of two TorchServe replicas
+# (its package starts no listener of its own).
+$(HAPROXY):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq --no-install-recommends haproxy
 
 $(DOCKER_COMPOSE):
 	$(SUDO) apt-get update -qq

@@ -12,7 +12,7 @@ from core.model_store import ModelStore
 from core.registry import Registry
 from serving import server
 from serving.capture import CAPTURE_BELOW, capture_policy
-from serving.promote import promote
+from serving.promote import RolloutIncomplete, promote, replica_configs, roll_out
 from serving.server import ServerConfig
 
 
@@ -67,23 +67,40 @@ def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--management-port", type=int, default=ServerConfig.management_port)
     parser.add_argument("--token-auth", action="store_true",
                         help="the server runs with token auth (keys from HOME/key_file.json)")
+    parser.add_argument("--management-url", action="append", default=[], metavar="URL",
+                        help="a replica's management API, http://HOST:PORT (repeatable: "
+                             "rolled through in order; every replica registers from "
+                             "--export-path, a shared volume); replaces --management-port")
 
 
 def run_promote(args: argparse.Namespace) -> int:
     """Package VERSION into the running server's model store and make it the default."""
     version, mar = _package(args)
     print(mar)
-    cfg = ServerConfig(home=args.home, model_store=args.export_path,
-                       management_port=args.management_port, token_auth=args.token_auth)
     registry = Registry(ModelStore(args.store), args.name)
     try:
         with registry.writer_lock():
+            if args.management_url:
+                replicas = replica_configs(args.management_url, args.export_path,
+                                           args.home if args.token_auth else None)
+                seconds = roll_out(replicas, args.name, version, mar.name)
+                registry.set_champion(version)
+                print(f"{args.name}: {version} is the default on every replica ("
+                      + ", ".join(f"{u} {s:.1f} s" for u, s in seconds.items()) + ")")
+                return 0
+            cfg = ServerConfig(home=args.home, model_store=args.export_path,
+                               management_port=args.management_port, token_auth=args.token_auth)
             removed = promote(cfg, args.name, version, mar.name)
             registry.set_champion(version)
     except LockBusy as exc:
         print(f"visionloop promote: a retrain is running, nothing changed ({exc})",
               file=sys.stderr)
         return 4
+    except RolloutIncomplete as exc:
+        print(f"visionloop promote: {exc}. The champion record stays "
+              f"{registry.champion()}; run promote again once every replica answers",
+              file=sys.stderr)
+        return 5
     print(f"{args.name}: {version} is the default"
           + (f", {', '.join(removed)} removed" if removed else ""))
     return 0

@@ -12,10 +12,17 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 from core.failpoints import failpoint
 from serving.archive_check import check_archive
-from serving.server import ServerConfig, ServerError, management_json, workers_ready
+from serving.server import (
+    ServerConfig,
+    ServerError,
+    management_json,
+    management_reachable,
+    workers_ready,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +96,67 @@ def promote(cfg: ServerConfig, model: str, version: str, mar_file: str,
     if not workers_ready(cfg, model):
         raise ServerError(f"{model} has no READY worker after promoting {version}")
     return removed
+
+
+def replica_configs(management_urls: list[str], model_store: Path,
+                    token_auth_home: Path | None = None) -> list[ServerConfig]:
+    """One ServerConfig per replica's management URL (http://HOST:PORT). The replicas
+    register archives from one model store they all read (a shared volume), so a
+    promotion packages once."""
+    replicas = []
+    for url in management_urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname or not parts.port:
+            raise ValueError(f"a TorchServe management URL is http://HOST:PORT, got {url!r}")
+        replicas.append(ServerConfig(host=parts.hostname, management_port=parts.port,
+                                     model_store=Path(model_store),
+                                     home=token_auth_home or ServerConfig.home,
+                                     token_auth=token_auth_home is not None))
+    if len({r.url("management") for r in replicas}) != len(replicas):
+        raise ValueError(f"a replica is named twice in {management_urls}")
+    return replicas
+
+
+def serving_versions(replicas: list[ServerConfig], model: str) -> dict[str, list[str] | None]:
+    """Management URL -> the model's registered versions (None: the replica did not answer)."""
+    return {r.url("management"): (registered_versions(r, model) if management_reachable(r)
+                                  else None) for r in replicas}
+
+
+def describe(serving: dict[str, list[str] | None]) -> str:
+    return "; ".join(f"{url} {'unreachable' if versions is None else ', '.join(versions) or '-'}"
+                     for url, versions in serving.items())
+
+
+class RolloutIncomplete(ServerError):
+    """A promotion across replicas stopped before every replica served the version."""
+
+    def __init__(self, version: str, reason: str, serving: dict[str, list[str] | None]) -> None:
+        self.version, self.serving = version, serving
+        super().__init__(f"rollout of {version} stopped: {reason}; replicas serve: "
+                         f"{describe(serving)}")
+
+
+def roll_out(replicas: list[ServerConfig], model: str, version: str, mar_file: str,
+             timeout: float = 120.0) -> dict[str, float]:
+    """Promote `version` on each replica in turn (each swap is zero-downtime: promote());
+    returns seconds per replica. Every replica must answer before the first is touched, so
+    a replica that is down changes nothing; one that fails mid-way stops the rollout.
+    Either way RolloutIncomplete says which replicas serve what, and the caller does not
+    advance the champion record (a later run converges every replica to it)."""
+    down = [r.url("management") for r in replicas if not management_reachable(r)]
+    if down:
+        raise RolloutIncomplete(version, f"{', '.join(down)} did not answer, no replica was "
+                                         "changed", serving_versions(replicas, model))
+    seconds: dict[str, float] = {}
+    for replica in replicas:
+        started = time.monotonic()
+        try:
+            promote(replica, model, version, mar_file, timeout)
+        except (ServerError, urllib.error.URLError, OSError) as exc:
+            raise RolloutIncomplete(version, f"{replica.url('management')} failed ({exc})",
+                                    serving_versions(replicas, model)) from exc
+        seconds[replica.url("management")] = round(time.monotonic() - started, 2)
+        log.info("%s: %s serves %s (%.1f s)", model, replica.url("management"), version,
+                 seconds[replica.url("management")])
+    return seconds

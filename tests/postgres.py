@@ -57,23 +57,50 @@ def start(timeout: float = 60.0) -> PostgresServer:
                     f"--pwfile={root / 'pwfile'}", "--auth=scram-sha-256", "-E", "UTF8"],
                    check=True, capture_output=True, **_as_owner())
     (port,) = free_loopback_ports(1)
+    server = PostgresServer(root, port, password, _launch(root, port, timeout))
+    subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", USER,
+                    DATABASE], check=True, capture_output=True,
+                   env={**os.environ, "PGPASSWORD": password})
+    return server
+
+
+def _launch(root: Path, port: int, timeout: float) -> subprocess.Popen:
+    """Run the server on its data directory and wait until it accepts connections."""
+    bin_dir = binaries()
     log = open(root / "postgres.log", "ab")  # noqa: SIM115 - the server's whole life
     process = subprocess.Popen(
         [str(bin_dir / "postgres"), "-D", str(root / "data"), "-k", str(root), "-p", str(port),
          "-c", "listen_addresses=127.0.0.1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **_as_owner())
-    server = PostgresServer(root, port, password, process)
     deadline = time.monotonic() + timeout
     while subprocess.run([str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
                          capture_output=True).returncode != 0:
         if process.poll() is not None or time.monotonic() > deadline:
-            stop(server)
+            _halt(process)
             raise RuntimeError(f"PostgreSQL did not start; see {root / 'postgres.log'}")
         time.sleep(0.2)
-    subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", USER,
-                    DATABASE], check=True, capture_output=True,
-                   env={**os.environ, "PGPASSWORD": password})
-    return server
+    return process
+
+
+def _halt(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Fast shutdown (SIGINT) by pid, SIGKILL if it hangs."""
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def restart(server: PostgresServer, down_s: float) -> tuple[float, float]:
+    """Stop the server, keep it down for down_s, start it again on the same data and port.
+    Returns (monotonic time it went down, time it accepted connections again)."""
+    _halt(server.process)
+    went_down = time.monotonic()
+    time.sleep(down_s)
+    server.process = _launch(server.root, server.port, 60.0)
+    return went_down, time.monotonic()
 
 
 def create_database(server: PostgresServer, name: str) -> str:
@@ -105,13 +132,7 @@ def query_url(url: str, sql: str) -> str:
     return result.stdout.strip()
 
 
-def stop(server: PostgresServer, timeout: float = 30.0) -> None:
-    """Fast shutdown (SIGINT) by pid, SIGKILL if it hangs; then remove its files."""
-    if server.process.poll() is None:
-        os.kill(server.process.pid, signal.SIGINT)
-        try:
-            server.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait()
+def stop(server: PostgresServer) -> None:
+    """Stop it by pid and remove its files."""
+    _halt(server.process)
     shutil.rmtree(server.root, ignore_errors=True)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from core.ports import free_loopback_ports
 from serving import server
@@ -52,3 +55,45 @@ def oversize_status(cfg: server.ServerConfig, model: str, size: int) -> int:
                      "Expect: 100-continue\r\n\r\n".encode())
         status_line = conn.recv(4096).split(b"\r\n", 1)[0].decode()
     return int(status_line.split()[1])
+
+
+HAPROXY = "/usr/sbin/haproxy"  # Debian's; `make setup` installs it
+
+
+def start_haproxy(root: Path, backends: list[int], timeout: float = 20.0):
+    """Debian's HAProxy on a free loopback port, round-robin over TorchServe inference
+    ports, health-checked on /ping (a replica that stops answering is taken out). Returns
+    (process, port); stop it with stop_process."""
+    (port,) = free_loopback_ports(1)
+    servers = "".join(f"    server replica{i} 127.0.0.1:{p} check inter 300ms fall 2 rise 2\n"
+                      for i, p in enumerate(backends))
+    config = root / "haproxy.cfg"
+    config.write_text(
+        "global\n    maxconn 512\n"
+        "defaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n"
+        "    timeout server 60s\n    retries 2\n    option redispatch\n"
+        f"frontend visionloop\n    bind 127.0.0.1:{port}\n    default_backend replicas\n"
+        "backend replicas\n    balance roundrobin\n    option httpchk GET /ping\n" + servers)
+    log = open(root / "haproxy.log", "ab")  # noqa: SIM115 - the server's whole life
+    process = subprocess.Popen([HAPROXY, "-f", str(config), "-db"], stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return process, port
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_process(process)
+                raise RuntimeError(f"HAProxy did not start; see {root / 'haproxy.log'}") from None
+            time.sleep(0.1)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -40,19 +40,30 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torchserve-token-auth", action="store_true",
                         help="TorchServe runs with token auth (keys in its home's key_file.json)")
     parser.add_argument("--management-port", type=int, default=ServerConfig.management_port)
+    parser.add_argument("--torchserve-url", action="append", default=[], metavar="URL",
+                        help="a TorchServe replica's management URL (repeatable: the promotion "
+                             "rolls through them in order); replaces --management-port")
+    parser.add_argument("--torchserve-model-store", type=Path,
+                        help="the model store every replica registers from (a shared volume; "
+                             "default: TORCHSERVE_HOME/model-store)")
     parser.add_argument("--every", help="keep running: once per DURATION (e.g. 30m, 6h)")
 
 
 def run_retrain(args: argparse.Namespace) -> int:
     from labeling.client import LabelStudioUnavailable
+    from serving.promote import RolloutIncomplete, replica_configs
     from visionloop.retrain import parse_duration, retrain_once, run_every
 
     cfg = RetrainConfig(**{f.name: getattr(args, f.name) for f in fields(RetrainConfig)})
     labelstudio = server_config(args)
-    torchserve = ServerConfig(home=args.torchserve_home, host=args.torchserve_host,
-                              token_auth=args.torchserve_token_auth,
-                              model_store=args.torchserve_home / "model-store",
-                              management_port=args.management_port)
+    model_store = args.torchserve_model_store or args.torchserve_home / "model-store"
+    torchserve: ServerConfig | list[ServerConfig] = ServerConfig(
+        home=args.torchserve_home, host=args.torchserve_host,
+        token_auth=args.torchserve_token_auth, model_store=model_store,
+        management_port=args.management_port)
+    if args.torchserve_url:
+        torchserve = replica_configs(args.torchserve_url, model_store,
+                                     args.torchserve_home if args.torchserve_token_auth else None)
 
     def once() -> int:
         decision = retrain_once(cfg, labelstudio, torchserve)
@@ -71,6 +82,10 @@ def run_retrain(args: argparse.Namespace) -> int:
     except LabelStudioUnavailable as exc:
         print(f"visionloop retrain: {exc}; the champion keeps serving, run it again")
         return 3
+    except RolloutIncomplete as exc:
+        print(f"visionloop retrain: {exc}. The champion record was not advanced; the next "
+              "run puts every replica back on it")
+        return 5
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

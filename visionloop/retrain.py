@@ -41,7 +41,7 @@ from serving.archive import package
 from serving.capture import capture_policy
 from serving.handler import ServingConfig
 from serving.offline import InProcessModel
-from serving.promote import promote, registered_versions
+from serving.promote import RolloutIncomplete, promote, registered_versions, roll_out
 from serving.server import ServerConfig
 from trainer.config import TrainConfig
 from trainer.metrics import classification_report, expected_calibration_error
@@ -128,34 +128,51 @@ def train_challenger(cfg: RetrainConfig, champion: str, minority: list[str]) -> 
     return version_dir
 
 
-def promote_version(cfg: RetrainConfig, version: str, torchserve: ServerConfig | None) -> str:
-    """Package and swap in the running TorchServe (if any); returns what was done."""
-    if torchserve is None or not server.management_reachable(torchserve):
+Replicas = ServerConfig | list[ServerConfig] | None  # one TorchServe, several, or none
+
+
+def _replicas(torchserve: Replicas) -> list[ServerConfig]:
+    if torchserve is None:
+        return []
+    return [torchserve] if isinstance(torchserve, ServerConfig) else list(torchserve)
+
+
+def promote_version(cfg: RetrainConfig, version: str, torchserve: Replicas) -> str:
+    """Package once (into the model store the replicas share) and roll the version through
+    every TorchServe replica; returns what was done. Raises RolloutIncomplete when some
+    replica is down or fails (with none reachable, nothing runs to be swapped)."""
+    replicas = _replicas(torchserve)
+    if not any(server.management_reachable(r) for r in replicas):
         return "no TorchServe running: recorded as champion only"
     store = ModelStore(cfg.store)
     manifest = store.load_manifest(cfg.name, version)
     serving = ServingConfig(capture=capture_policy(
         manifest, max_confidence=cfg.capture_below, per_minute=cfg.capture_per_minute))
-    mar = package(store.version_dir(cfg.name, version), torchserve.model_store, cfg.backend,
+    mar = package(store.version_dir(cfg.name, version), replicas[0].model_store, cfg.backend,
                   serving=serving)
-    removed = promote(torchserve, cfg.name, version, mar.name)
-    return (f"TorchServe now serves {version}"
-            + (f" ({', '.join(removed)} unregistered)" if removed else ""))
+    if len(replicas) == 1:
+        removed = promote(replicas[0], cfg.name, version, mar.name)
+        return (f"TorchServe now serves {version}"
+                + (f" ({', '.join(removed)} unregistered)" if removed else ""))
+    seconds = roll_out(replicas, cfg.name, version, mar.name)
+    return (f"{len(replicas)} TorchServe replicas now serve {version} ("
+            + ", ".join(f"{url} {s:.1f} s" for url, s in seconds.items()) + ")")
 
 
-def restore_champion_serving(cfg: RetrainConfig, torchserve: ServerConfig | None,
-                             champion: str) -> bool:
-    """A run killed during a promotion can leave TorchServe serving the challenger, or two
-    versions: make the CHAMPION record's version the only one served again. True if it
-    had to. The record is written last, so it names the last promotion that completed."""
-    if torchserve is None or not server.management_reachable(torchserve):
+def restore_champion_serving(cfg: RetrainConfig, torchserve: Replicas, champion: str) -> bool:
+    """A run killed during a promotion, or a rollout stopped by a replica that was down,
+    can leave replicas serving the challenger, or two versions: make the CHAMPION record's
+    version the only one served on every replica that answers. True if it had to. The
+    record is written last, so it names the last promotion that completed everywhere."""
+    stray = [r for r in _replicas(torchserve) if server.management_reachable(r)
+             and registered_versions(r, cfg.name) not in ([], [champion])]
+    if not stray:
         return False
-    registered = registered_versions(torchserve, cfg.name)
-    if not registered or registered == [champion]:
-        return False
-    log.warning("TorchServe serves %s of %s but the champion is %s (a promotion was "
-                "interrupted): restoring it", registered, cfg.name, champion)
-    promote_version(cfg, champion, torchserve)
+    log.warning("TorchServe replicas %s serve %s but the champion is %s (a promotion was "
+                "interrupted): restoring it", [r.url("management") for r in stray],
+                {r.url("management"): registered_versions(r, cfg.name) for r in stray},
+                champion)
+    promote_version(cfg, champion, stray)
     return True
 
 
@@ -164,8 +181,11 @@ def _now() -> str:
 
 
 def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = None,
-                 torchserve: ServerConfig | None = None) -> Decision | None:
-    """One run of the job; None when there were too few new labels to bother."""
+                 torchserve: Replicas = None) -> Decision | None:
+    """One run of the job; None when there were too few new labels to bother.
+
+    A promotion that could not reach every replica is recorded as not promoted (the
+    champion record stays) and RolloutIncomplete is raised after the record is written."""
     store = ModelStore(cfg.store)
     registry = Registry(store, cfg.name)
     with registry.writer_lock():
@@ -196,10 +216,16 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
         challenger_eval, challenger_pred = evaluate(challenger_dir, samples, minority)
         promoted, reason, evidence = gate(np.array([y for _, y in samples]), champion_pred,
                                           challenger_pred, manifest.classes, minority, cfg)
+        stopped = None
         if promoted:
-            reason += "; " + promote_version(cfg, challenger_dir.name, torchserve)
-            failpoint("retrain.served")
-            registry.set_champion(challenger_dir.name)
+            try:
+                reason += "; " + promote_version(cfg, challenger_dir.name, torchserve)
+                failpoint("retrain.served")
+                registry.set_champion(challenger_dir.name)
+            except RolloutIncomplete as exc:
+                stopped, promoted = exc, False
+                reason += f"; {exc}; the champion stays {champion} (the next run puts every " \
+                          "replica back on it)"
         decision = Decision(time=_now(), champion=champion, challenger=challenger_dir.name,
                             new_labels=len(new), promoted=promoted, reason=reason,
                             champion_metrics=asdict(champion_eval),
@@ -208,6 +234,8 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
         registry.append(decision)
         log.info("%s %s: %s", challenger_dir.name,
                  "promoted" if promoted else "not promoted", reason)
+        if stopped is not None:
+            raise stopped
         return decision
 
 
