@@ -1,5 +1,11 @@
 """TorchServe end to end against the same model and preprocessing in-process, in one run.
 
+Two models: the demo's (32 px, Fashion-MNIST PNGs) and, with --photo-224, a photo-sized
+one: EfficientNet-Lite0 with its ImageNet weights (a package ships them) and a new
+10-class head, exported at 224 px by the trainer's export code, fed 640x480 JPEGs of real
+photos from scikit-image. Its head is untrained: only the time of the path is measured, and
+the per-request overhead shows against a model whose compute is realistic.
+
 For TorchScript and ONNX, batch 1 and batch 8 (TorchServe batching, 10 ms delay), at
 concurrency 1, 8 and 32: throughput and p50/p99 latency of real PNG requests on
 loopback, as a ratio to the in-process pipeline (decode -> preprocess -> infer ->
@@ -9,6 +15,7 @@ The load generator runs on the same machine as the server: on a 2-core box it ta
 CPU from the server, which the ratios include.
 
     python -m bench.serving [--version-dir model_store/fashion/v1 --seconds 8]
+    python -m bench.serving --photo-224 [--seconds 8]
     python -m bench.serving --spinning-ab   # ORT spin-waiting on vs off, in-process
 """
 
@@ -50,6 +57,62 @@ def real_pngs(count: int) -> list[bytes]:
         Image.fromarray(array, mode="L").save(buffer, "PNG")
         out.append(buffer.getvalue())
     return out
+
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field",
+          "immunohistochemistry", "retina", "cat", "colorwheel", "logo", "page")
+
+
+def photo_jpegs(count: int, size: tuple[int, int] = (640, 480)) -> list[bytes]:
+    """Real photos (scikit-image ships them), resized to an upload-sized JPEG each, with a
+    different crop per copy so no two bodies are the same bytes."""
+    import io
+
+    from PIL import Image
+    from skimage import data as skdata
+
+    photos = [Image.fromarray(getattr(skdata, name)()).convert("RGB") for name in PHOTOS
+              if hasattr(skdata, name)]
+    out = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        shift = i // len(photos)
+        cropped = photo.crop((shift % 17, shift % 13, photo.width - shift % 11,
+                              photo.height - shift % 7))
+        buffer = io.BytesIO()
+        cropped.resize(size).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def photo_model(root: Path, image_size: int = 224, classes: int = 10) -> Path:
+    """A version directory the handler can serve: Lite0 with ImageNet weights and a new
+    head, exported (TorchScript, ONNX, parity-checked) at image_size."""
+    from core.fsutil import sha256_file
+    from core.manifest import Artifact, Preprocessing
+    from trainer.export import export_all
+    from trainer.models import LITE0, build_model
+
+    torch.manual_seed(0)
+    built = build_model(LITE0, classes, "DEFAULT")
+    version_dir = root / "photo224" / "v1"
+    version_dir.mkdir(parents=True)
+    pre = Preprocessing(image_size, round(image_size * 256 / 224), built.mean, built.std)
+    images = [decode(b) for b in photo_jpegs(8)]
+    batch = preprocess_batch(images, photo_manifest(pre, classes))
+    exported = export_all(built.model.eval(), batch, version_dir, temperature=1.0)
+    artifacts = {fmt: Artifact(file, fmt, sha256_file(version_dir / file), diff)
+                 for fmt, (file, diff) in exported.items()}
+    manifest = photo_manifest(pre, classes, artifacts)
+    manifest.save(version_dir)
+    return version_dir
+
+
+def photo_manifest(pre, classes: int, artifacts: dict | None = None) -> ModelManifest:
+    """What the handler reads from the version directory."""
+    return ModelManifest(name="photo224", version="v1", arch="efficientnet_lite0",
+                         classes=tuple(f"class_{i}" for i in range(classes)), preprocessing=pre,
+                         temperature=1.0, artifacts=artifacts or {})
 
 
 def in_process(version_dir: Path, artifact: str, bodies: list[bytes], batch: int,
@@ -123,16 +186,22 @@ def main() -> None:
                         help="measure only the capture overhead")
     parser.add_argument("--spinning-ab", action="store_true",
                         help="only in-process ONNX with ORT spin-waiting on vs off")
+    parser.add_argument("--photo-224", action="store_true",
+                        help="the photo-sized model (Lite0 at 224 px, real photos as JPEG)")
     args = parser.parse_args()
-    version_dir = args.version_dir or ModelStore("model_store").version_dir(
-        "fashion", ModelStore("model_store").latest_version("fashion") or "v1")
-    bodies = real_pngs(args.images)
-    if args.spinning_ab:
-        spinning_ab(version_dir, bodies, args.seconds)
-        return
     artifacts = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         home = Path(tmp)
+        if args.photo_224:
+            version_dir = photo_model(home / "store")
+            bodies = photo_jpegs(min(args.images, 64))
+        else:
+            version_dir = args.version_dir or ModelStore("model_store").version_dir(
+                "fashion", ModelStore("model_store").latest_version("fashion") or "v1")
+            bodies = real_pngs(args.images)
+        if args.spinning_ab:
+            spinning_ab(version_dir, bodies, args.seconds)
+            return
         cfg = server.ServerConfig(home=home, model_store=home / "mars",
                                   capture_dir=home / "captures", inference_port=18480,
                                   management_port=18481, metrics_port=18482,
@@ -159,8 +228,10 @@ def main() -> None:
 
 def report(cfg: server.ServerConfig, version_dir: Path, artifacts: dict[str, str],
            bodies: list[bytes], seconds: float) -> None:
-    print(f"model {version_dir}, {len(bodies)} real Fashion-MNIST PNGs, {seconds:.0f}s per cell, "
-          f"{torch.get_num_threads()} torch threads, client on the same machine")
+    pre = ModelManifest.load(version_dir).preprocessing
+    print(f"model {version_dir} ({pre.image_size} px), {len(bodies)} real images "
+          f"(~{statistics.mean(len(b) for b in bodies) / 1024:.1f} KB each), {seconds:.0f}s per "
+          f"cell, {torch.get_num_threads()} torch threads, client on the same machine")
     print("| backend | batch | in-process img/s | concurrency | served img/s | ratio | "
           "p50 ms | p99 ms | errors |")
     print("|---|---|---|---|---|---|---|---|---|")
