@@ -52,13 +52,26 @@ def pending_requests(cfg: ServerConfig, model: str, version: str) -> int:
     return int(described[0]["jobQueueStatus"]["pendingRequests"])
 
 
-def drain(cfg: ServerConfig, model: str, version: str, timeout: float = 30.0) -> None:
-    """Wait until the version has had no pending requests for two consecutive looks."""
-    deadline, quiet = time.monotonic() + timeout, 0
+# TorchServe counts queued requests only: a batch a worker is running is no longer pending,
+# and unregistering the version kills that worker without answering it (seen as 3 requests
+# that never got a reply, behind HAProxy, in tests/test_replicas.py with a 0.25 s window).
+# After set-default no new request is routed to the old version, so its in-flight batches
+# end within one inference: a quiet window longer than that covers them.
+DRAIN_QUIET_S = 2.0
+
+
+def drain(cfg: ServerConfig, model: str, version: str, timeout: float = 30.0,
+          quiet_s: float = DRAIN_QUIET_S) -> None:
+    """Wait until the version has had no pending requests for quiet_s."""
+    deadline, quiet_since = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
-        quiet = quiet + 1 if pending_requests(cfg, model, version) == 0 else 0
-        if quiet >= 2:
-            return
+        now = time.monotonic()
+        if pending_requests(cfg, model, version) == 0:
+            quiet_since = now if quiet_since is None else quiet_since
+            if now - quiet_since >= quiet_s:
+                return
+        else:
+            quiet_since = None
         time.sleep(0.25)
     raise ServerError(f"{model} {version} still had pending requests after {timeout:.0f}s")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -31,7 +33,7 @@ from serving import server
 from serving.archive import package
 from serving.promote import registered_versions
 from tests import postgres
-from tests.servers import free_ports, predict, start_haproxy, stop_process
+from tests.servers import free_ports, predict, start_haproxy, stop_process, worker_pids
 from visionloop.configs import RetrainConfig
 from visionloop.retrain import restore_champion_serving
 
@@ -92,6 +94,7 @@ def cluster(trained_version, postgres_server, tmp_path_factory):
 @dataclass
 class Outcome:
     sent: float
+    answered: float
     status: int
     version: str | None
     captured: bool | None
@@ -111,8 +114,8 @@ def post(url: str, body: bytes) -> Outcome:
     except OSError:  # refused or reset: a failed request all the same
         status, reply = 0, {}
     uncertain = reply.get("uncertainty", {}).get("max_prob", 1.0) < 0.7
-    return Outcome(sent, status, reply.get("version"), reply.get("captured"), uncertain,
-                   hashlib.sha256(body).hexdigest())
+    return Outcome(sent, time.monotonic(), status, reply.get("version"), reply.get("captured"),
+                   uncertain, hashlib.sha256(body).hexdigest())
 
 
 def load(urls: list[str], bodies: list[bytes], stop: threading.Event, threads: int = 4,
@@ -224,7 +227,8 @@ def test_a_postgresql_restart_costs_captures_not_replies(cluster, small_scenario
     time.sleep(6)  # the pools reconnect in their own threads
     finish(stop, workers)
     assert outcomes and all(o.status == 200 for o in outcomes), Counter(o.status for o in outcomes)
-    during = [o for o in outcomes if went_down + 0.5 < o.sent < back]
+    # sent after it stopped, answered before it was back (pg_isready polls every 0.2 s)
+    during = [o for o in outcomes if went_down < o.sent and o.answered < back - 0.5]
     after = [o for o in outcomes if o.sent > back + 3]
     assert during and not any(o.captured for o in during)  # no store: nothing claimed captured
     assert any(o.captured for o in after), "captures did not resume after the restart"
@@ -239,6 +243,31 @@ def test_a_postgresql_restart_costs_captures_not_replies(cluster, small_scenario
               f"{errors:.0f} capture errors counted; "
               f"{sum(bool(o.captured) for o in after)} captured after; "
               f"{sum(rows_before.values())} rows from before, all kept")
+
+
+def test_a_worker_killed_mid_load_loses_no_capture_on_postgresql(cluster, small_scenario,
+                                                                  capsys):
+    replica = cluster.replicas[0]
+    stop = threading.Event()
+    outcomes, workers = load(direct_urls(cluster), pool_bodies(small_scenario), stop, threads=4)
+    time.sleep(2)
+    [victim] = worker_pids(replica, "fm")
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    while worker_pids(replica, "fm") in ([], [victim]):
+        assert time.monotonic() - killed < 60, "the worker did not come back in 60 s"
+        time.sleep(0.1)
+    back = time.monotonic()
+    time.sleep(3)
+    finish(stop, workers)
+    failed = [o for o in outcomes if o.status != 200]
+    assert all(o.sent <= back + 1 for o in failed), failed  # only around the kill
+    assert any(o.captured for o in outcomes if o.sent > back + 1)
+    assert_every_capture_stored(cluster, outcomes)
+    with capsys.disabled():
+        print(f"\nkill -9 of a worker mid-load (PostgreSQL index): {len(outcomes)} requests, "
+              f"{len(failed)} failed, worker back in {back - killed:.1f} s, "
+              f"{sum(bool(o.captured) for o in outcomes)} captured, every one stored")
 
 
 def promote_cli(cluster: Cluster, version: str) -> subprocess.CompletedProcess:
