@@ -94,3 +94,33 @@ def test_demo_never_wipes_a_folder_it_did_not_make(tmp_path):
     with pytest.raises(ValueError, match="not a demo directory"):
         Demo(DemoConfig(out=tmp_path)).run()
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_replica_urls_become_one_config_each_and_bad_ones_are_refused(tmp_path):
+    from serving.promote import RolloutIncomplete, describe, replica_configs
+
+    replicas = replica_configs(["http://10.0.0.5:8081", "http://127.0.0.1:9081"], tmp_path)
+    assert [r.url("management") for r in replicas] == ["http://10.0.0.5:8081",
+                                                       "http://127.0.0.1:9081"]
+    assert all(r.model_store == tmp_path and not r.token_auth for r in replicas)
+    for bad in ("127.0.0.1:8081", "https://a:8081", "http://a"):
+        with pytest.raises(ValueError, match="http://HOST:PORT"):
+            replica_configs([bad], tmp_path)
+    with pytest.raises(ValueError, match="named twice"):
+        replica_configs(["http://a:1", "http://a:1"], tmp_path)
+    serving = {"http://a:1": ["v2"], "http://b:1": None}
+    assert describe(serving) == "http://a:1 v2; http://b:1 unreachable"
+    assert "replicas serve: http://a:1 v2; http://b:1 unreachable" in str(
+        RolloutIncomplete("v3", "b did not answer", serving))
+
+
+def test_retrain_takes_several_replicas_on_its_command_line():
+    from visionloop.cli import build_parser
+
+    args = build_parser().parse_args(["retrain", "--torchserve-url", "http://127.0.0.1:1",
+                                      "--torchserve-url", "http://127.0.0.1:2",
+                                      "--torchserve-model-store", "shared"])
+    assert args.torchserve_url == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
+    promote = build_parser().parse_args(["promote", "v2", "--name", "fm", "--management-url",
+                                         "http://127.0.0.1:1"])
+    assert promote.management_url == ["http://127.0.0.1:1"]
