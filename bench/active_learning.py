@@ -183,6 +183,23 @@ def labels_to(curve: list[dict], target: float, start: float) -> float | None:
     return None
 
 
+def random_draws(learner: Learner, seed: int, draws: int) -> list[dict]:
+    """Minority recall after REPORT_AT random labels, for `draws` independent draws. Random
+    selection does not look at the model, so one re-fit on the drawn labels gives the model
+    the rounds would end with (the head's L2-regularised fit has one optimum)."""
+    out = []
+    for draw in range(draws):
+        rng = np.random.default_rng((seed, draw))
+        labelled = np.zeros(len(learner.y["pool"]), dtype=bool)
+        labelled[rng.choice(len(labelled), REPORT_AT, replace=False)] = True
+        scores = learner.score(learner.refit(labelled, learner.champion))
+        found = int(np.isin(learner.y["pool"][labelled], learner.minority).sum())
+        out.append({"draw": draw, "minority_found": found, **scores})
+        log.info("seed %d random draw %d: %d minority, minority recall %.4f", seed, draw, found,
+                 scores["minority_recall"]["estimate"])
+    return out
+
+
 def run_seed(args: argparse.Namespace, seed: int) -> dict:
     started = time.monotonic()
     data = build_data(args.work_dir, args, seed)
@@ -204,6 +221,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
         curve = run_strategy(learner, strategy, args, target, seed)
         result["curves"][strategy] = {"curve": curve,
                                       "labels_to_target": labels_to(curve, target, start)}
+    if args.random_draws:
+        result["random_draws"] = random_draws(learner, seed, args.random_draws)
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
 
@@ -274,7 +293,31 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
             f"{_mean_std(f1)} | {_mean_std(recall)} | "
             + (f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else "-")
             + " |")
+    if any("random_draws" in r for r in results):
+        lines += draws_table(results)
     return "\n".join(lines) + "\n"
+
+
+def draws_table(results: list[dict]) -> list[str]:
+    """How far one random draw of REPORT_AT labels moves: what a single-draw baseline (the
+    demo's) can land on, against class_balanced's figure on the same seed."""
+    lines = ["", f"Random labelling is a draw: {len(results[0]['random_draws'])} independent "
+             f"draws of {REPORT_AT} random pool labels per seed (`--random-draws`).", "",
+             f"| seed | minority found (min-max) | minority recall at {REPORT_AT}: mean ± std "
+             "(min-max) | class_balanced at 300 | class_balanced - draws' mean |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        recall = [d["minority_recall"]["estimate"] for d in r.get("random_draws", [])]
+        found = [d["minority_found"] for d in r.get("random_draws", [])]
+        if not recall:
+            continue
+        point = _at(r["curves"].get("class_balanced", {}).get("curve", []), REPORT_AT)
+        cb = point["minority_recall"]["estimate"] if point else None
+        mean = statistics.mean(recall)
+        lines.append(f"| {r['seed']} | {min(found)}-{max(found)} | {mean:.3f} ± "
+                     f"{statistics.pstdev(recall):.3f} ({min(recall):.3f}-{max(recall):.3f}) | "
+                     + (f"{cb:.3f} | {cb - mean:+.3f} |" if cb is not None else "- | - |"))
+    return lines
 
 
 def main() -> None:
@@ -291,6 +334,8 @@ def main() -> None:
     parser.add_argument("--pool-per-class", type=int, default=3000)
     parser.add_argument("--minority", default="coat,sandal,bag")
     parser.add_argument("--source-dir", type=Path, default=fashion_mnist.DEBIAN_DIR)
+    parser.add_argument("--random-draws", type=int, default=0,
+                        help=f"also: N independent draws of {REPORT_AT} random labels per seed")
     parser.add_argument("--summarise", type=Path, metavar="RESULTS_JSON",
                         help="only rewrite README.md beside an earlier run's results.json")
     args = parser.parse_args()

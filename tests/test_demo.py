@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -31,6 +32,14 @@ def test_quick_demo_runs_the_whole_loop_and_reports(small_scenario, trained_vers
     registry = (cfg.out / "model_store" / "fm" / "registry.md").read_text()
     assert len(re.findall(r"^\| 20", registry, re.MULTILINE)) == cfg.rounds
     assert "Retraining decisions" in text
+    # the random baseline is drawn random_draws times; the comparison is against their mean
+    assert re.search(rf"^\| mean of {cfg.random_draws} \|", text, re.MULTILINE)
+    summary = json.loads((report.parent / "report.json").read_text())
+    assert [d["draw"] for d in summary["random_draws"]] == list(range(1, cfg.random_draws + 1))
+    assert all(d["minority_labels"] <= 2 * cfg.budget for d in summary["random_draws"])
+    mean = summary["comparison"]["random_mean"]["minority_recall"]
+    assert mean["low"] <= mean["estimate"] <= mean["high"]
+    assert "loop_minus_random_mean" in summary["comparison"]
     # captures came through TorchServe and labels came back from Label Studio
     assert any((cfg.out / "captures" / "images").rglob("*"))
     assert any((cfg.out / "labels" / "images").rglob("*.png"))

@@ -84,3 +84,44 @@ def paired_difference(labels: np.ndarray, first: np.ndarray, second: np.ndarray,
     b_boot = _scores(weights, labels, np.asarray(second), n_classes, minority)
     return {name: _interval(b_point[k][0] - a_point[k][0], b_boot[k] - a_boot[k])
             for k, name in enumerate(("macro_f1", "minority_recall"))}
+
+
+def _draw_means(labels: np.ndarray, draws: list[np.ndarray], n_classes: int,
+                minority: list[int], weights: np.ndarray,
+                seed: int) -> tuple[list[float], list[np.ndarray]]:
+    """Per figure: the draws' mean on the images, and per resample the mean over draws
+    picked with replacement (so the spread between draws is in the interval too)."""
+    ones = np.ones((1, len(labels)))
+    points = [_scores(ones, labels, np.asarray(d), n_classes, minority) for d in draws]
+    boots = [_scores(weights, labels, np.asarray(d), n_classes, minority) for d in draws]
+    picks = np.random.default_rng(seed + 1).integers(0, len(draws), (len(weights), len(draws)))
+    columns = np.arange(len(weights))
+    means = [float(np.mean([p[k][0] for p in points])) for k in range(2)]
+    resampled = [np.stack([b[k] for b in boots])[picks.T, columns].mean(axis=0)
+                 for k in range(2)]
+    return means, resampled
+
+
+def intervals_of_mean(labels: np.ndarray, draws: list[np.ndarray], n_classes: int,
+                      minority: list[int], resamples: int = RESAMPLES,
+                      seed: int = 0) -> dict[str, Interval]:
+    """Macro-F1 and minority recall of the mean over several models that are draws of one
+    random process (random labelling): resamples redraw the images and the draws."""
+    labels = np.asarray(labels)
+    weights = _resample_weights(len(labels), resamples, seed)
+    means, resampled = _draw_means(labels, draws, n_classes, minority, weights, seed)
+    return {name: _interval(means[k], resampled[k])
+            for k, name in enumerate(("macro_f1", "minority_recall"))}
+
+
+def paired_difference_to_mean(labels: np.ndarray, draws: list[np.ndarray], second: np.ndarray,
+                              n_classes: int, minority: list[int], resamples: int = RESAMPLES,
+                              seed: int = 0) -> dict[str, Interval]:
+    """Intervals of (second - the draws' mean), on the same image resamples."""
+    labels = np.asarray(labels)
+    weights = _resample_weights(len(labels), resamples, seed)
+    means, resampled = _draw_means(labels, draws, n_classes, minority, weights, seed)
+    point = _scores(np.ones((1, len(labels))), labels, np.asarray(second), n_classes, minority)
+    boot = _scores(weights, labels, np.asarray(second), n_classes, minority)
+    return {name: _interval(point[k][0] - means[k], boot[k] - resampled[k])
+            for k, name in enumerate(("macro_f1", "minority_recall"))}

@@ -62,12 +62,16 @@ class DemoConfig:
     report_per_class: int | None = None  # test/ images per class in the report (None: all)
     champion: Path | None = None  # reuse a trained version dir instead of training one
     seed: int = 0
+    # Random labelling is a draw: one draw of a few hundred labels may find several minority
+    # images or none. The baseline the final comparison uses is the mean of this many draws
+    # (the first is also shown round by round); its interval resamples images and draws.
+    random_draws: int = 5
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
         """Minutes on a small scenario: for tests."""
         values = dict(rounds=2, budget=12, stream_per_round=40, champion_epochs=1,
                       retrain_epochs=1, base_per_class=20, gate_per_class=20,
-                      report_per_class=20)
+                      report_per_class=20, random_draws=2)
         values.update(overrides)
         return cls(**values)

@@ -7,7 +7,10 @@ Fashion-MNIST), with real servers.
       answers them through Label Studio's API with the pool's true labels -> retrain
       (pull, challenger, gate, zero-downtime promotion)
     and, in the same run, a baseline spending the same label budget on images picked at
-    random from the same stream, retrained the same way (it needs no server).
+    random from the same stream, retrained the same way (it needs no server). Random
+    labelling is a draw, so the baseline is drawn --random-draws times: the first round by
+    round, the others once at the end (random picks do not depend on the model); the final
+    comparison is against their mean.
 
 Each branch's serving model is scored after every round on the whole test/ split through
 the served path, with bootstrap 95% intervals. Everything lives under --out (default
@@ -46,7 +49,13 @@ from serving.handler import ServingConfig
 from serving.server import ServerConfig
 from trainer.config import TrainConfig
 from trainer.train import run_training
-from visionloop.bootstrap import Interval, intervals, paired_difference
+from visionloop.bootstrap import (
+    Interval,
+    intervals,
+    intervals_of_mean,
+    paired_difference,
+    paired_difference_to_mean,
+)
 from visionloop.configs import DemoConfig, RetrainConfig
 from visionloop.demo_report import write_report
 from visionloop.retrain import evaluate, held_out_samples, retrain_once
@@ -172,6 +181,7 @@ class Demo:
             capture_dir=self.captures, inference_port=ports[1], management_port=ports[2],
             metrics_port=ports[3], grpc_inference_port=ports[4], grpc_management_port=ports[5])
         self.results: list[RoundResult] = []
+        self.draws: list[dict] = []  # the random baseline's draws, final models
 
     def retrain_config(self, name: str, labels_dir: Path) -> RetrainConfig:
         c = self.cfg
@@ -224,6 +234,41 @@ class Demo:
             evaluation.per_class_recall, promoted))
         self.timer.step("round %d %s: %s, macro-F1 %s, minority recall %s", round_, branch,
                         version_dir.name, scores["macro_f1"], scores["minority_recall"])
+
+    def _first_draw(self, spent: list[str]) -> None:
+        final = next(r for r in reversed(self.results) if r.branch == "random")
+        self.draws.append({"draw": 1, "minority_labels": final.minority_labels,
+                           "macro_f1": final.macro_f1.to_dict(),
+                           "minority_recall": final.minority_recall.to_dict(),
+                           "predicted": self.predictions[("random", final.round)]})
+
+    def _another_draw(self, draw: int, champion_dir: Path, files: list[Path],
+                      truth_by_file: dict[str, str]) -> None:
+        """The same budget from each round's stream with another seed, one retrain at the end
+        (what the per-round retrains converge to: the head's fit has one optimum)."""
+        c = self.cfg
+        name = f"{c.name}-random{draw}"
+        labels_dir = c.out / f"labels-random{draw}"
+        shutil.copytree(champion_dir, self.store / name / "v1")
+        rng = random.Random(f"{c.seed}-draw-{draw}")
+        spent: list[str] = []
+        for round_ in range(1, c.rounds + 1):
+            streamed = files[(round_ - 1) * self.per_round:round_ * self.per_round]
+            spent += random_labels(streamed, c.budget, labels_dir, truth_by_file, rng)
+        decision = retrain_once(replace(self.retrain_config(name, labels_dir), pull=False,
+                                        max_macro_f1_drop=1.0, max_minority_recall_drop=1.0))
+        _, predicted = evaluate(self.store / name / decision.challenger, self.report_samples,
+                                self.minority)
+        scores = intervals(self.report_labels, predicted, len(self.classes),
+                           [self.classes.index(x) for x in self.minority], seed=c.rounds)
+        minority_labels = sum(lbl in self.minority for lbl in spent)
+        self.draws.append({"draw": draw, "minority_labels": minority_labels,
+                           "macro_f1": scores["macro_f1"].to_dict(),
+                           "minority_recall": scores["minority_recall"].to_dict(),
+                           "predicted": predicted})
+        self.timer.step("random draw %d: %d labels (%d minority), macro-F1 %s, minority "
+                        "recall %s", draw, len(spent), minority_labels, scores["macro_f1"],
+                        scores["minority_recall"])
 
     def _serving_dir(self, name: str, decision) -> Path:
         version = decision.challenger if decision.promoted else decision.champion
@@ -293,23 +338,36 @@ class Demo:
                                             max_minority_recall_drop=1.0))
             self._score("random", round_, random_spent,
                         self.store / f"{c.name}-random" / baseline.challenger, None)
+        self._first_draw(random_spent)
+        for draw in range(2, c.random_draws + 1):
+            self._another_draw(draw, champion_dir, files, truth_by_file)
         comparison = final_comparison(self.report_labels, self.predictions, c.rounds,
-                                      self.classes, self.minority)
+                                      self.classes, self.minority, self.draws)
         report = write_report(c, self.results, self.minority, comparison,
-                              time.monotonic() - t.start, self.store / c.name / "registry.md")
+                              time.monotonic() - t.start, self.store / c.name / "registry.md",
+                              [{k: v for k, v in d.items() if k != "predicted"}
+                               for d in self.draws])
         t.step("report: %s", report)
         return report
 
 
 def final_comparison(labels: np.ndarray, predictions: dict[tuple[str, int], np.ndarray],
-                     rounds: int, classes: tuple[str, ...], minority: list[str]) -> dict:
-    """Paired intervals of the last round's loop against random and against the champion."""
+                     rounds: int, classes: tuple[str, ...], minority: list[str],
+                     draws: list[dict]) -> dict:
+    """Paired intervals of the last round's loop against the random draws' mean, against
+    the first draw alone and against the champion; the draws' mean with its own interval."""
     minority_idx = [classes.index(c) for c in minority]
     final = predictions[("loop", rounds)]
-    return {name: {k: v.to_dict() for k, v in paired_difference(
+    drawn = [d["predicted"] for d in draws]
+    comparison = {"loop_minus_random_mean": {k: v.to_dict() for k, v in paired_difference_to_mean(
+        labels, drawn, final, len(classes), minority_idx).items()}}
+    comparison.update({name: {k: v.to_dict() for k, v in paired_difference(
                 labels, predictions[other], final, len(classes), minority_idx).items()}
-            for name, other in (("loop_minus_random", ("random", rounds)),
-                                ("loop_minus_champion", ("loop", 0)))}
+            for name, other in (("loop_minus_random_draw_1", ("random", rounds)),
+                                ("loop_minus_champion", ("loop", 0)))})
+    comparison["random_mean"] = {k: v.to_dict() for k, v in intervals_of_mean(
+        labels, drawn, len(classes), minority_idx).items()}
+    return comparison
 
 
 def run_demo(cfg: DemoConfig) -> Path:
