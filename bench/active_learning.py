@@ -249,11 +249,23 @@ def _at(curve: list[dict], labels: int) -> dict | None:
     return next((p for p in curve if p["labels"] == labels), None)
 
 
+def _non_default_flags(args: argparse.Namespace) -> str:
+    flags = ""
+    if list(args.strategies) != list(STRATEGIES):
+        flags += f" --strategies {','.join(args.strategies)}"
+    if args.max_labels != 3000:
+        flags += f" --max-labels {args.max_labels}"
+    if getattr(args, "random_draws", 0):
+        flags += f" --random-draws {args.random_draws}"
+    return flags
+
+
 def summarise(results: list[dict], args: argparse.Namespace) -> str:
     seeds = [r["seed"] for r in results]
     lines = ["# Labels to 80% of the whole-pool minority-recall gain, per strategy", "",
              f"`python -m bench.active_learning --seeds {','.join(map(str, seeds))} "
-             f"--budget {args.budget}` on this machine (2 CPU cores). Learner: frozen "
+             f"--budget {args.budget}{_non_default_flags(args)}` on this machine (2 CPU "
+             "cores). Learner: frozen "
              f"pretrained Lite0 at {args.image_size} px, linear head with logit adjustment, "
              "the champion's prior kept. Pool as long-tailed as train "
              f"({results[0]['pool']} images, {results[0]['pool_minority']} minority); test: "
@@ -344,6 +356,7 @@ def main() -> None:
     if args.summarise:
         results = json.loads(args.summarise.read_text())
         args.strategies = [s for s in STRATEGIES if s in results[0]["curves"]]
+        args.random_draws = len(results[0].get("random_draws", []))
         atomic_write_text(args.summarise.parent / "README.md", summarise(results, args))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
