@@ -71,6 +71,10 @@ class Capturer:
         self._lock = threading.Lock()
         self._window_start, self._window_count = time.monotonic(), 0
 
+    def close(self) -> None:
+        """Close the store's connection (a PostgreSQL pool's threads with it)."""
+        self.store.close()
+
     def _within_rate(self) -> bool:
         now = time.monotonic()
         if now - self._window_start >= 60:

@@ -36,8 +36,29 @@ def rows(root, database) -> list:
         store.close()
 
 
+OPEN: list = []
+
+
+def opened(store):
+    """Every store a test opens is closed after it (the autouse fixture below)."""
+    OPEN.append(store)
+    return store
+
+
+@pytest.fixture(autouse=True)
+def close_what_the_test_opened():
+    """A PostgreSQL store's pool runs threads (and one pointed at a closed port keeps
+    retrying and logging): left open, they outlive the test, and a later fork of the pytest
+    process (DataLoader workers in the training tests) can deadlock on a lock one of them
+    held. Seen once: a training test's DataLoader worker stuck on a futex."""
+    yield
+    while OPEN:
+        OPEN.pop().close()
+
+
 def test_capture_keeps_only_uncertain_predictions_content_addressed(tmp_path, capture_database):
-    store = Capturer(tmp_path, CapturePolicy(max_confidence=0.7), database=capture_database)
+    store = opened(Capturer(tmp_path, CapturePolicy(max_confidence=0.7),
+                            database=capture_database))
     assert store.maybe_capture(b"img-1", "r1", reply(0.55))
     assert not store.maybe_capture(b"img-2", "r2", reply(0.95))
     assert store.maybe_capture(b"img-1", "r3", reply(0.6))  # same image, second request
@@ -50,7 +71,8 @@ def test_capture_keeps_only_uncertain_predictions_content_addressed(tmp_path, ca
 
 
 def test_capture_rate_cap_never_raises(tmp_path, capture_database):
-    store = Capturer(tmp_path / "ok", CapturePolicy(per_minute=3), database=capture_database)
+    store = opened(Capturer(tmp_path / "ok", CapturePolicy(per_minute=3),
+                            database=capture_database))
     results = [store.maybe_capture(bytes([i]), f"r{i}", reply(0.5)) for i in range(5)]
     assert results == [True, True, True, False, False]
     assert store.counts == {"captured": 3, "dropped_rate_limit": 2, "errors": 0}
@@ -59,7 +81,7 @@ def test_capture_rate_cap_never_raises(tmp_path, capture_database):
 def test_a_broken_capture_directory_is_a_counted_error(tmp_path):
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("a file where the capture directory should be")
-    broken = Capturer(blocked)
+    broken = opened(Capturer(blocked))
     assert broken.maybe_capture(b"x", "r", reply(0.5)) is False
     assert broken.counts["errors"] == 1
 
@@ -69,7 +91,7 @@ def test_an_unreachable_database_is_a_counted_error_within_seconds(tmp_path):
 
     (port,) = free_loopback_ports(1)  # nothing listens there
     url = f"postgresql://visionloop:secret-pw@127.0.0.1:{port}/captures"
-    store = Capturer(tmp_path, CapturePolicy(per_minute=100), database=url)
+    store = opened(Capturer(tmp_path, CapturePolicy(per_minute=100), database=url))
     started = time.monotonic()
     assert [store.maybe_capture(bytes([i]), f"r{i}", reply(0.5)) for i in range(3)] == [
         False] * 3
@@ -77,7 +99,7 @@ def test_an_unreachable_database_is_a_counted_error_within_seconds(tmp_path):
     assert store.counts == {"captured": 0, "dropped_rate_limit": 0, "errors": 3}
     store.store.close()
     with pytest.raises(CaptureStoreError) as err:
-        CaptureStore(tmp_path, url=url).captures()
+        opened(CaptureStore(tmp_path, url=url)).captures()
     assert "secret-pw" not in str(err.value) and "***" in str(err.value)
 
 
@@ -90,7 +112,8 @@ def _writer(root: str, database: str | None, worker: int, count: int) -> None:
 def test_concurrent_writers_lose_nothing(tmp_path, capture_database):
     """Several worker processes open a fresh store and capture at once: the schema is made
     once, every row arrives."""
-    processes = [multiprocessing.Process(target=_writer,
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process with pool threads
+    processes = [spawn.Process(target=_writer,
                                          args=(str(tmp_path), capture_database, w, 50))
                  for w in range(4)]
     for p in processes:
@@ -106,8 +129,8 @@ def test_concurrent_writers_lose_nothing(tmp_path, capture_database):
 
 
 def test_capture_batch_marks_exactly_the_uncertain_ones(tmp_path, capture_database):
-    store = Capturer(tmp_path, CapturePolicy(max_confidence=0.7, per_minute=2),
-                     database=capture_database)
+    store = opened(Capturer(tmp_path, CapturePolicy(max_confidence=0.7, per_minute=2),
+                     database=capture_database))
     items = [(b"a", "r1", reply(0.9)), (b"b", "r2", reply(0.5)), (b"c", "r3", reply(0.6)),
              (b"d", "r4", reply(0.4))]
     assert store.capture_batch(items) == [False, True, True, False]  # r4: over the rate cap
@@ -116,8 +139,8 @@ def test_capture_batch_marks_exactly_the_uncertain_ones(tmp_path, capture_databa
 
 
 def test_capture_takes_every_prediction_of_the_always_classes(tmp_path, capture_database):
-    store = Capturer(tmp_path, CapturePolicy(max_confidence=0.7, always_classes=["a"]),
-                     database=capture_database)
+    store = opened(Capturer(tmp_path, CapturePolicy(max_confidence=0.7, always_classes=["a"]),
+                     database=capture_database))
     assert store.maybe_capture(b"rare", "r1", reply(0.99))  # a minority class, confident
     assert not store.maybe_capture(b"common", "r2", reply(0.99, label="b"))
     assert CapturePolicy(always_classes=["a"]).always_classes == ("a",)  # from serving.json
@@ -126,10 +149,11 @@ def test_capture_takes_every_prediction_of_the_always_classes(tmp_path, capture_
 def test_labeling_queries_link_and_unlink(tmp_path, capture_database):
     """What push relies on: unlinked captures oldest first, linking every capture of an
     image, pushed images, and unlinking tasks deleted in Label Studio."""
-    writer = Capturer(tmp_path, CapturePolicy(max_confidence=1.01), database=capture_database)
+    writer = opened(Capturer(tmp_path, CapturePolicy(max_confidence=1.01),
+                             database=capture_database))
     writer.capture_batch([(b"x", "r1", reply(0.5)), (b"y", "r2", reply(0.6)),
                           (b"x", "r3", reply(0.55))])
-    store = CaptureStore(tmp_path, url=capture_database)
+    store = opened(CaptureStore(tmp_path, url=capture_database))
     try:
         unlinked = store.unlinked("fm")
         assert [r.max_prob for r in unlinked] == [0.5, 0.6, 0.55]
@@ -148,11 +172,12 @@ def test_labeling_queries_link_and_unlink(tmp_path, capture_database):
 
 
 def test_a_fresh_store_has_every_migration_once(tmp_path, capture_database):
-    store = CaptureStore(tmp_path, url=capture_database)
+    store = opened(CaptureStore(tmp_path, url=capture_database))
     try:
         assert store.schema_version() == SCHEMA_VERSION == MIGRATIONS[-1][0]
         store.close()
-        assert CaptureStore(tmp_path, url=capture_database).schema_version() == SCHEMA_VERSION
+        again = opened(CaptureStore(tmp_path, url=capture_database))
+        assert again.schema_version() == SCHEMA_VERSION
     finally:
         store.close()
     if capture_database is not None:
@@ -179,7 +204,7 @@ def test_a_store_from_before_versioned_migrations_is_upgraded_in_place(tmp_path)
     conn = sqlite3.connect(tmp_path / DB_FILE)
     conn.executescript(OLD_SCHEMA)
     conn.close()
-    store = CaptureStore(tmp_path)
+    store = opened(CaptureStore(tmp_path))
     try:
         assert store.schema_version() == SCHEMA_VERSION
         assert [r.request_id for r in store.captures()] == ["old"]
@@ -189,7 +214,7 @@ def test_a_store_from_before_versioned_migrations_is_upgraded_in_place(tmp_path)
 
 
 def test_a_store_newer_than_the_code_is_refused(tmp_path, capture_database):
-    store = CaptureStore(tmp_path, url=capture_database)
+    store = opened(CaptureStore(tmp_path, url=capture_database))
     store.schema_version()
     store.close()
     if capture_database is None:
@@ -201,11 +226,11 @@ def test_a_store_newer_than_the_code_is_refused(tmp_path, capture_database):
     else:
         postgres.query_url(capture_database, "INSERT INTO schema_migrations VALUES "
                            f"({SCHEMA_VERSION + 1}, 'from the future', 'x')")
-    capturer = Capturer(tmp_path, CapturePolicy(), database=capture_database)
+    capturer = opened(Capturer(tmp_path, CapturePolicy(), database=capture_database))
     assert capturer.maybe_capture(b"x", "r", reply(0.5)) is False  # counted, not raised
     assert capturer.counts["errors"] == 1
     with pytest.raises(CaptureStoreError, match="newer than this visionloop"):
-        CaptureStore(tmp_path, url=capture_database).captures()
+        opened(CaptureStore(tmp_path, url=capture_database)).captures()
 
 
 def test_database_urls(tmp_path, monkeypatch):

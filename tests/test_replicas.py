@@ -31,11 +31,12 @@ from core.registry import Registry
 from core.scenario import read_pool
 from serving import server
 from serving.archive import package
-from serving.promote import registered_versions
+from serving.promote import RolloutIncomplete, registered_versions
 from tests import postgres
 from tests.servers import free_ports, predict, start_haproxy, stop_process, worker_pids
+from tests.test_retrain import write_labels
 from visionloop.configs import RetrainConfig
-from visionloop.retrain import restore_champion_serving
+from visionloop.retrain import restore_champion_serving, retrain_once
 
 pytestmark = pytest.mark.slow
 
@@ -314,6 +315,23 @@ def test_a_replica_down_stops_the_promotion_and_the_next_run_converges(cluster,
     assert f"{cluster.replicas[0].url('management')} v2" in result.stderr  # who serves what
     assert registered_versions(cluster.replicas[0], "fm") == ["v2"]  # nothing was changed
     assert Registry(ModelStore(cluster.store), "fm").champion() == "v2"
+
+    # a scheduled retrain meets the same: its challenger passes the gate (margins wide open)
+    # but the rollout stops, the decision is recorded as not promoted, the champion stays
+    labels = cluster.capture_dir.parent / "labels"
+    write_labels(labels, small_scenario)
+    retrain = RetrainConfig(name="fm", store=cluster.store, data=small_scenario,
+                            labels_dir=labels, pull=False, learner="finetune", epochs=1,
+                            base_per_class=10, min_new_labels=1, max_macro_f1_drop=1.0,
+                            max_minority_recall_drop=1.0,
+                            work_dir=cluster.capture_dir.parent / "work")
+    with pytest.raises(RolloutIncomplete, match="unreachable"):
+        retrain_once(retrain, torchserve=cluster.replicas)
+    registry = Registry(ModelStore(cluster.store), "fm")
+    last = registry.decisions()[-1]
+    assert not last.promoted and "rollout" in last.reason and "stays v2" in last.reason
+    assert registry.champion() == "v2"
+    assert registered_versions(cluster.replicas[0], "fm") == ["v2"]
 
     server.start(down, {"fm": cluster.mar_v1})  # back, with the archive it starts with
     assert registered_versions(down, "fm") == ["v1"]
