@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from core.db import open_wal
+from core.db import open_wal, transaction
 from core.reply import Prediction
 
 DB_FILE = "captures.sqlite3"
@@ -142,21 +142,16 @@ class _SqliteIndex:
     def __init__(self, path: Path, busy_timeout_s: float) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._conn = open_wal(path, MIGRATIONS_TABLE, busy_timeout_s)
+            self._conn = open_wal(path, "", busy_timeout_s)  # the schema: migrate()
         except sqlite3.Error as exc:
             raise CaptureStoreError(f"capture index (SQLite {path}): {exc}") from exc
 
     @contextlib.contextmanager
     def transaction(self, migrating: bool = False) -> Iterator[Any]:
         try:
-            # IMMEDIATE when migrating: the write lock before reading what is applied
-            self._conn.execute("BEGIN IMMEDIATE" if migrating else "BEGIN")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+            # immediate when migrating: the write lock before reading what is applied
+            with transaction(self._conn, immediate=migrating) as conn:
+                yield conn
         except sqlite3.Error as exc:
             raise CaptureStoreError(f"capture index (SQLite): {exc}") from exc
 
@@ -235,17 +230,15 @@ def _open_index(url: str, busy_timeout_s: float) -> _SqliteIndex | _PostgresInde
     return _PostgresIndex(url, busy_timeout_s)
 
 
-def migrate(index: _SqliteIndex | _PostgresIndex) -> list[int]:
-    """Apply the migrations the index lacks; returns the versions applied now."""
+def migrate(index: _SqliteIndex | _PostgresIndex) -> None:
+    """Apply the migrations the index lacks."""
     with index.transaction(migrating=True) as tx:
-        if index.backend == "postgresql":
-            tx.execute(MIGRATIONS_TABLE)
+        tx.execute(MIGRATIONS_TABLE)
         applied = {v for (v,) in tx.execute("SELECT version FROM schema_migrations").fetchall()}
         newer = sorted(v for v in applied if v > SCHEMA_VERSION)
         if newer:
             raise CaptureStoreError(f"the capture index has schema version {newer[-1]}, newer "
                                     f"than this visionloop's {SCHEMA_VERSION}: upgrade it")
-        done = []
         for version, description, sqlite_sql, postgres_sql in MIGRATIONS:
             if version in applied:
                 continue
@@ -253,8 +246,6 @@ def migrate(index: _SqliteIndex | _PostgresIndex) -> list[int]:
                 tx.execute(statement)
             tx.execute("INSERT INTO schema_migrations (version, description, applied_at)"
                        " VALUES (?, ?, ?)", (version, description, _now()))
-            done.append(version)
-        return done
 
 
 @dataclass(frozen=True)
@@ -297,10 +288,6 @@ class CaptureStore:
         self._index: _SqliteIndex | _PostgresIndex | None = None
         self._migrated = False
         self._opening = threading.Lock()
-
-    @property
-    def backend(self) -> str:
-        return "sqlite" if self.url.startswith("sqlite:") else "postgresql"
 
     def _opened(self) -> _SqliteIndex | _PostgresIndex:
         with self._opening:

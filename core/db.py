@@ -19,9 +19,11 @@ def open_wal(path: Path, schema: str, timeout_s: float) -> sqlite3.Connection:
 
 
 @contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN ... COMMIT, or ROLLBACK on any exception (then re-raised)."""
-    conn.execute("BEGIN")
+def transaction(conn: sqlite3.Connection,
+                immediate: bool = False) -> Iterator[sqlite3.Connection]:
+    """BEGIN ... COMMIT, or ROLLBACK on any exception (then re-raised). immediate: take the
+    write lock at BEGIN, before the first read (read-then-write without a race)."""
+    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
     try:
         yield conn
         conn.execute("COMMIT")

@@ -113,11 +113,7 @@ def create_database(server: PostgresServer, name: str) -> str:
 
 def query(server: PostgresServer, sql: str, database: str = DATABASE) -> str:
     """One value, as psql prints it unaligned."""
-    result = subprocess.run([str(binaries() / "psql"), "-h", "127.0.0.1", "-p", str(server.port),
-                             "-U", USER, "-d", database, "-tAc", sql], check=True,
-                            capture_output=True, text=True,
-                            env={**os.environ, "PGPASSWORD": server.password})
-    return result.stdout.strip()
+    return query_url(server.url.rsplit("/", 1)[0] + f"/{database}", sql)
 
 
 def query_url(url: str, sql: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -43,6 +45,18 @@ def worker_pids(cfg: server.ServerConfig, model: str) -> list[int]:
     described = server.management_json(cfg, f"/models/{model}/all")
     return sorted(int(w["pid"]) for d in described for w in d.get("workers", [])
                   if w.get("status") == "READY")
+
+
+def kill_worker(cfg: server.ServerConfig, model: str, timeout: float = 60.0) -> tuple[float, float]:
+    """kill -9 the model's one worker and wait for TorchServe to start another; returns
+    (monotonic time of the kill, time the new worker was READY)."""
+    [victim] = worker_pids(cfg, model)
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    while worker_pids(cfg, model) in ([], [victim]):
+        assert time.monotonic() - killed < timeout, f"the worker did not come back in {timeout} s"
+        time.sleep(0.1)
+    return killed, time.monotonic()
 
 
 def oversize_status(cfg: server.ServerConfig, model: str, size: int) -> int:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +31,7 @@ from serving import server
 from serving.archive import package
 from serving.promote import RolloutIncomplete, registered_versions
 from tests import postgres
-from tests.servers import free_ports, predict, start_haproxy, stop_process, worker_pids
+from tests.servers import free_ports, kill_worker, predict, start_haproxy, stop_process
 from tests.test_retrain import write_labels
 from visionloop.configs import RetrainConfig
 from visionloop.retrain import restore_champion_serving, retrain_once
@@ -252,13 +250,7 @@ def test_a_worker_killed_mid_load_loses_no_capture_on_postgresql(cluster, small_
     stop = threading.Event()
     outcomes, workers = load(direct_urls(cluster), pool_bodies(small_scenario), stop, threads=4)
     time.sleep(2)
-    [victim] = worker_pids(replica, "fm")
-    killed = time.monotonic()
-    os.kill(victim, signal.SIGKILL)
-    while worker_pids(replica, "fm") in ([], [victim]):
-        assert time.monotonic() - killed < 60, "the worker did not come back in 60 s"
-        time.sleep(0.1)
-    back = time.monotonic()
+    killed, back = kill_worker(replica, "fm")
     time.sleep(3)
     finish(stop, workers)
     failed = [o for o in outcomes if o.status != 200]

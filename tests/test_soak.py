@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import sqlite3
 import threading
 import time
@@ -22,7 +21,7 @@ import pytest
 from core.capture_store import DB_FILE, image_path
 from serving import server
 from serving.archive import package
-from tests.servers import free_ports, predict, worker_pids
+from tests.servers import free_ports, kill_worker, predict
 
 pytestmark = pytest.mark.slow
 SOAK_SECONDS = float(os.environ.get("VISIONLOOP_SOAK_SECONDS", "40"))
@@ -73,13 +72,7 @@ def test_worker_killed_mid_soak_loses_no_capture(trained_version, small_scenario
         began = time.monotonic()
         threads = steady_load(cfg, bodies, stop, outcomes)
         time.sleep(SOAK_SECONDS / 3)
-        [victim] = worker_pids(cfg, "fm")
-        killed = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        while worker_pids(cfg, "fm") in ([], [victim]):
-            assert time.monotonic() - killed < 60, "the worker did not come back in 60 s"
-            time.sleep(0.1)
-        back = time.monotonic()
+        killed, back = kill_worker(cfg, "fm")
         time.sleep(max(0.0, began + SOAK_SECONDS - time.monotonic()))
     finally:
         stop.set()

@@ -224,9 +224,7 @@ class Demo:
                promoted: bool | None) -> None:
         """Evaluate a branch's serving version on the report split (the served path), with
         bootstrap intervals; every figure lands in report.json too."""
-        evaluation, predicted = evaluate(version_dir, self.report_samples, self.minority)
-        scores = intervals(self.report_labels, predicted, len(self.classes),
-                           [self.classes.index(c) for c in self.minority], seed=round_)
+        evaluation, predicted, scores = self._evaluate(version_dir, seed=round_)
         self.predictions[(branch, round_)] = predicted
         self.results.append(RoundResult(
             round_, branch, len(labels), sum(lbl in self.minority for lbl in labels),
@@ -235,7 +233,15 @@ class Demo:
         self.timer.step("round %d %s: %s, macro-F1 %s, minority recall %s", round_, branch,
                         version_dir.name, scores["macro_f1"], scores["minority_recall"])
 
-    def _first_draw(self, spent: list[str]) -> None:
+    def _evaluate(self, version_dir: Path, seed: int):
+        """(evaluation, predictions, bootstrap intervals) of a version on the report split,
+        through the served path."""
+        evaluation, predicted = evaluate(version_dir, self.report_samples, self.minority)
+        scores = intervals(self.report_labels, predicted, len(self.classes),
+                           [self.classes.index(c) for c in self.minority], seed=seed)
+        return evaluation, predicted, scores
+
+    def _first_draw(self) -> None:
         final = next(r for r in reversed(self.results) if r.branch == "random")
         self.draws.append({"draw": 1, "minority_labels": final.minority_labels,
                            "macro_f1": final.macro_f1.to_dict(),
@@ -257,10 +263,8 @@ class Demo:
             spent += random_labels(streamed, c.budget, labels_dir, truth_by_file, rng)
         decision = retrain_once(replace(self.retrain_config(name, labels_dir), pull=False,
                                         max_macro_f1_drop=1.0, max_minority_recall_drop=1.0))
-        _, predicted = evaluate(self.store / name / decision.challenger, self.report_samples,
-                                self.minority)
-        scores = intervals(self.report_labels, predicted, len(self.classes),
-                           [self.classes.index(x) for x in self.minority], seed=c.rounds)
+        _, predicted, scores = self._evaluate(self.store / name / decision.challenger,
+                                              seed=c.rounds)
         minority_labels = sum(lbl in self.minority for lbl in spent)
         self.draws.append({"draw": draw, "minority_labels": minority_labels,
                            "macro_f1": scores["macro_f1"].to_dict(),
@@ -338,7 +342,7 @@ class Demo:
                                             max_minority_recall_drop=1.0))
             self._score("random", round_, random_spent,
                         self.store / f"{c.name}-random" / baseline.challenger, None)
-        self._first_draw(random_spent)
+        self._first_draw()
         for draw in range(2, c.random_draws + 1):
             self._another_draw(draw, champion_dir, files, truth_by_file)
         comparison = final_comparison(self.report_labels, self.predictions, c.rounds,

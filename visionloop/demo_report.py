@@ -11,6 +11,7 @@ from pathlib import Path
 import matplotlib
 
 from core.fsutil import atomic_write_text
+from visionloop.bootstrap import Interval
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -45,7 +46,7 @@ def _delta(delta: dict) -> str:
 
 
 def _interval(value: dict) -> str:
-    return f"{value['estimate']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
+    return str(Interval(**value))  # report.json's form of a bootstrap.Interval
 
 
 def _draws_section(draws: list[dict], comparison: dict, loop) -> list[str]:

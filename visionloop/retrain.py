@@ -41,7 +41,13 @@ from serving.archive import package
 from serving.capture import capture_policy
 from serving.handler import ServingConfig
 from serving.offline import InProcessModel
-from serving.promote import RolloutIncomplete, promote, registered_versions, roll_out
+from serving.promote import (
+    RolloutIncomplete,
+    describe,
+    promote,
+    roll_out,
+    serving_versions,
+)
 from serving.server import ServerConfig
 from trainer.config import TrainConfig
 from trainer.metrics import classification_report, expected_calibration_error
@@ -164,15 +170,15 @@ def restore_champion_serving(cfg: RetrainConfig, torchserve: Replicas, champion:
     can leave replicas serving the challenger, or two versions: make the CHAMPION record's
     version the only one served on every replica that answers. True if it had to. The
     record is written last, so it names the last promotion that completed everywhere."""
-    stray = [r for r in _replicas(torchserve) if server.management_reachable(r)
-             and registered_versions(r, cfg.name) not in ([], [champion])]
+    replicas = _replicas(torchserve)
+    serving = serving_versions(replicas, cfg.name)
+    stray = {r.url("management"): r for r in replicas
+             if serving[r.url("management")] not in (None, [], [champion])}
     if not stray:
         return False
-    log.warning("TorchServe replicas %s serve %s but the champion is %s (a promotion was "
-                "interrupted): restoring it", [r.url("management") for r in stray],
-                {r.url("management"): registered_versions(r, cfg.name) for r in stray},
-                champion)
-    promote_version(cfg, champion, stray)
+    log.warning("TorchServe replicas serve %s but the champion is %s (a promotion was "
+                "interrupted): restoring it on %s", describe(serving), champion, list(stray))
+    promote_version(cfg, champion, list(stray.values()))
     return True
 
 
