@@ -1,9 +1,10 @@
 """One retrain at a time: an flock on a file, which the kernel releases when the holder dies.
 
 A pid file would survive a crash and block every later run; an flock cannot. The flock
-belongs to the open file, which forked children (DataLoader workers) share: a run killed with
-kill -9 frees the lock once the kernel has reaped its whole process group, a moment after its
-main process, hence `wait_s`.
+belongs to the open file, which any child forked while it is held shares: a run killed with
+kill -9 frees the lock once the kernel has reaped every such child, a moment after its main
+process, hence `wait_s`. (The trainer's DataLoader workers are spawned without the descriptor,
+so they do not hold it.)
 """
 
 from __future__ import annotations

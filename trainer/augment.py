@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torchvision.transforms import v2
 
@@ -25,17 +23,22 @@ def _augmentations(preset: str, size: int) -> list[torch.nn.Module]:
     return []
 
 
-def train_transform(pre: Preprocessing, preset: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 image -> augmented, normalised float tensor of pre.image_size."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown augmentation preset {preset!r}; choose from {PRESETS}")
-    augment = v2.Compose(_augmentations(preset, pre.image_size))
-    # Random erasing works on the normalised tensor, as in torchvision's references.
-    erase = v2.RandomErasing(p=0.25) if preset == "strong" else None
+class TrainTransform:
+    """uint8 image -> augmented, normalised float tensor of pre.image_size.
 
-    def transform(image: torch.Tensor) -> torch.Tensor:
-        image = augment(resize_and_crop(to_rgb(image), pre))
-        image = normalize(image, pre)
-        return erase(image) if erase else image
+    A class, not a closure: spawned DataLoader workers receive it pickled.
+    """
 
-    return transform
+    def __init__(self, pre: Preprocessing, preset: str) -> None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown augmentation preset {preset!r}; choose from {PRESETS}")
+        self.pre = pre
+        self.augment = v2.Compose(_augmentations(preset, pre.image_size))
+        # Random erasing works on the normalised tensor, as in torchvision's references.
+        self.erase = v2.RandomErasing(p=0.25) if preset == "strong" else None
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        image = self.augment(resize_and_crop(to_rgb(image), self.pre))
+        image = normalize(image, self.pre)
+        return self.erase(image) if self.erase else image
+

@@ -141,3 +141,19 @@ class ImageListDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
         return self.transform(load_image_tensor(path)), label
+
+
+def loader_workers(num_workers: int) -> dict:
+    """DataLoader arguments for `num_workers` worker processes, started by spawn, not fork.
+
+    A fork copies the parent mid-flight: a lock held at that instant by another of its
+    threads (a connection pool's, a progress bar's monitor, the OpenMP pool of torch's
+    earlier computations) stays locked in the child for ever, and training hangs waiting for
+    a worker that never answers; a test run saw exactly that. Spawned workers start clean
+    (~2.5 s per loader on 2 cores). Not the fork server either: its workers' parent is the
+    server, which outlives a main process killed with kill -9, so they would never notice
+    the death and would linger, holding memory and the job's stdout.
+    """
+    if num_workers <= 0:
+        return {"num_workers": 0}
+    return {"num_workers": num_workers, "multiprocessing_context": "spawn"}

@@ -29,7 +29,7 @@ from core.db import open_wal, transaction
 from core.fsutil import sha256_file
 from core.manifest import Preprocessing
 from core.preprocess import preprocess_image
-from trainer.data import ImageListDataset
+from trainer.data import ImageListDataset, loader_workers
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _compute(model: nn.Module, head_prefix: str, pre: Preprocessing, missing: di
     todo = list(missing.items())
     dataset = ImageListDataset([(path, i) for i, (_, path) in enumerate(todo)],
                                partial(preprocess_image, pre=pre))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, **loader_workers(num_workers))
     started = last_report = time.monotonic()
     done = 0
     model = model.to(device).eval()

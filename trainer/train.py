@@ -25,7 +25,7 @@ from core.manifest import Artifact, ModelManifest, Preprocessing
 from core.model_store import ModelStore, StoreError
 from core.preprocess import preprocess_image
 from trainer import imbalance
-from trainer.augment import train_transform
+from trainer.augment import TrainTransform
 from trainer.calibration import calibrated_probabilities, fit_temperature
 from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
@@ -34,6 +34,7 @@ from trainer.data import (
     ImageFolderIndex,
     ImageListDataset,
     dataset_fingerprint,
+    loader_workers,
     scan_image_folder,
 )
 from trainer.distributed import DistContext, init_distributed, shutdown
@@ -182,10 +183,10 @@ def make_loaders(cfg: TrainConfig, splits: Splits, pre: Preprocessing,
     if cfg.imbalance == "oversample":
         weights = imbalance.oversampling_weights([y for _, y in splits.train], splits.train_counts)
     sampler = EpochSampler(len(splits.train), cfg.seed, weights, ctx.rank, ctx.world_size)
-    common = {"num_workers": cfg.num_workers, "persistent_workers": cfg.num_workers > 0,
+    common = {**loader_workers(cfg.num_workers), "persistent_workers": cfg.num_workers > 0,
               "pin_memory": ctx.device.type == "cuda"}
     # drop_last: a ragged last batch of one image breaks BatchNorm in train mode.
-    train = DataLoader(ImageListDataset(splits.train, train_transform(pre, cfg.augment)),
+    train = DataLoader(ImageListDataset(splits.train, TrainTransform(pre, cfg.augment)),
                        batch_size=cfg.batch_size, sampler=sampler,
                        drop_last=len(sampler) > cfg.batch_size, **common)
     evaluate = partial(preprocess_image, pre=pre)
