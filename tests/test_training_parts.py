@@ -1,12 +1,15 @@
 import math
+import threading
 from collections import Counter
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from trainer.calibration import fit_temperature
+from trainer.data import loader_workers
 from trainer.imbalance import (
     LogitAdjustedLoss,
     build_loss,
@@ -110,3 +113,39 @@ def test_temperature_scaling_recovers_a_known_temperature_and_lowers_ece():
     after = expected_calibration_error((overconfident / temperature).softmax(1), labels)
     assert after < before / 3 and after < 0.02
     assert math.isfinite(temperature)
+
+
+# Held by another thread of the parent while the workers start, as a connection pool's or a
+# progress bar's lock can be. A forked worker would inherit it locked, for ever.
+_PARENT_LOCK = threading.Lock()
+
+
+class _NeedsTheLock(Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        if not _PARENT_LOCK.acquire(timeout=5):
+            raise RuntimeError("a lock held by another thread of the parent is locked here")
+        _PARENT_LOCK.release()
+        return i
+
+
+def test_loader_workers_do_not_inherit_a_lock_another_thread_holds():
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _PARENT_LOCK:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        loader = DataLoader(_NeedsTheLock(), batch_size=2, **loader_workers(1))
+        assert next(iter(loader)).tolist() == [0, 1]
+    finally:
+        release.set()
+        holder.join()
+    assert loader_workers(0) == {"num_workers": 0}
