@@ -48,9 +48,8 @@ def opened(store):
 @pytest.fixture(autouse=True)
 def close_what_the_test_opened():
     """A PostgreSQL store's pool runs threads (and one pointed at a closed port keeps
-    retrying and logging): left open, they outlive the test, and a later fork of the pytest
-    process (DataLoader workers in the training tests) can deadlock on a lock one of them
-    held. Seen once: a training test's DataLoader worker stuck on a futex."""
+    retrying and logging): left open, they would outlive the test and run through the rest
+    of the session, and anything that forks the pytest process later copies their locks."""
     yield
     while OPEN:
         OPEN.pop().close()
@@ -113,8 +112,7 @@ def test_concurrent_writers_lose_nothing(tmp_path, capture_database):
     """Several worker processes open a fresh store and capture at once: the schema is made
     once, every row arrives."""
     spawn = multiprocessing.get_context("spawn")  # no fork of a process with pool threads
-    processes = [spawn.Process(target=_writer,
-                                         args=(str(tmp_path), capture_database, w, 50))
+    processes = [spawn.Process(target=_writer, args=(str(tmp_path), capture_database, w, 50))
                  for w in range(4)]
     for p in processes:
         p.start()
@@ -130,7 +128,7 @@ def test_concurrent_writers_lose_nothing(tmp_path, capture_database):
 
 def test_capture_batch_marks_exactly_the_uncertain_ones(tmp_path, capture_database):
     store = opened(Capturer(tmp_path, CapturePolicy(max_confidence=0.7, per_minute=2),
-                     database=capture_database))
+                            database=capture_database))
     items = [(b"a", "r1", reply(0.9)), (b"b", "r2", reply(0.5)), (b"c", "r3", reply(0.6)),
              (b"d", "r4", reply(0.4))]
     assert store.capture_batch(items) == [False, True, True, False]  # r4: over the rate cap
@@ -140,7 +138,7 @@ def test_capture_batch_marks_exactly_the_uncertain_ones(tmp_path, capture_databa
 
 def test_capture_takes_every_prediction_of_the_always_classes(tmp_path, capture_database):
     store = opened(Capturer(tmp_path, CapturePolicy(max_confidence=0.7, always_classes=["a"]),
-                     database=capture_database))
+                            database=capture_database))
     assert store.maybe_capture(b"rare", "r1", reply(0.99))  # a minority class, confident
     assert not store.maybe_capture(b"common", "r2", reply(0.99, label="b"))
     assert CapturePolicy(always_classes=["a"]).always_classes == ("a",)  # from serving.json
@@ -154,32 +152,26 @@ def test_labeling_queries_link_and_unlink(tmp_path, capture_database):
     writer.capture_batch([(b"x", "r1", reply(0.5)), (b"y", "r2", reply(0.6)),
                           (b"x", "r3", reply(0.55))])
     store = opened(CaptureStore(tmp_path, url=capture_database))
-    try:
-        unlinked = store.unlinked("fm")
-        assert [r.max_prob for r in unlinked] == [0.5, 0.6, 0.55]
-        assert store.unlinked("another model") == []
-        x, y = unlinked[0].sha, unlinked[1].sha
-        assert store.link({x: 7}, "fm") == 2  # both captures of x
-        assert store.link({x: 8}, "fm") == 0  # already linked: kept
-        assert store.pushed_tasks("fm") == {x: 7}
-        assert [r.sha for r in store.unlinked("fm")] == [y]
-        store.link({y: 9}, "fm")
-        assert store.unlink_tasks_not_in({9}, "fm") == 2  # task 7 was deleted
-        assert store.pushed_tasks("fm") == {y: 9}
-        assert {r.task_id for r in store.captures()} == {None, 9}
-    finally:
-        store.close()
+    unlinked = store.unlinked("fm")
+    assert [r.max_prob for r in unlinked] == [0.5, 0.6, 0.55]
+    assert store.unlinked("another model") == []
+    x, y = unlinked[0].sha, unlinked[1].sha
+    assert store.link({x: 7}, "fm") == 2  # both captures of x
+    assert store.link({x: 8}, "fm") == 0  # already linked: kept
+    assert store.pushed_tasks("fm") == {x: 7}
+    assert [r.sha for r in store.unlinked("fm")] == [y]
+    store.link({y: 9}, "fm")
+    assert store.unlink_tasks_not_in({9}, "fm") == 2  # task 7 was deleted
+    assert store.pushed_tasks("fm") == {y: 9}
+    assert {r.task_id for r in store.captures()} == {None, 9}
 
 
 def test_a_fresh_store_has_every_migration_once(tmp_path, capture_database):
     store = opened(CaptureStore(tmp_path, url=capture_database))
-    try:
-        assert store.schema_version() == SCHEMA_VERSION == MIGRATIONS[-1][0]
-        store.close()
-        again = opened(CaptureStore(tmp_path, url=capture_database))
-        assert again.schema_version() == SCHEMA_VERSION
-    finally:
-        store.close()
+    assert store.schema_version() == SCHEMA_VERSION == MIGRATIONS[-1][0]
+    store.close()
+    again = opened(CaptureStore(tmp_path, url=capture_database))
+    assert again.schema_version() == SCHEMA_VERSION
     if capture_database is not None:
         name = capture_database.rsplit("/", 1)[1]
         applied = postgres.query_url(capture_database,
@@ -205,12 +197,9 @@ def test_a_store_from_before_versioned_migrations_is_upgraded_in_place(tmp_path)
     conn.executescript(OLD_SCHEMA)
     conn.close()
     store = opened(CaptureStore(tmp_path))
-    try:
-        assert store.schema_version() == SCHEMA_VERSION
-        assert [r.request_id for r in store.captures()] == ["old"]
-        assert [r.capture_id for r in store.unlinked("fm")] == [1]
-    finally:
-        store.close()
+    assert store.schema_version() == SCHEMA_VERSION
+    assert [r.request_id for r in store.captures()] == ["old"]
+    assert [r.capture_id for r in store.unlinked("fm")] == [1]
 
 
 def test_a_store_newer_than_the_code_is_refused(tmp_path, capture_database):
