@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.bootstrap import intervals
 from core.fsutil import atomic_write_json, atomic_write_text
 from core.manifest import Preprocessing
 from core.scenario import class_names, read_pool
@@ -44,7 +45,6 @@ from trainer import fashion_mnist
 from trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
 from trainer.head import fit_head, fit_linear_head
 from trainer.models import LITE0, build_model
-from visionloop.bootstrap import intervals
 
 log = logging.getLogger("bench.active_learning")
 # <strategy>_all: the minority share at 1.0 instead of push's default 0.5

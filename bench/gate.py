@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.active_learning import Learner, build_data, default_scenario, embeddings
+from core.bootstrap import paired_difference
 from core.fsutil import atomic_write_text
 from core.scenario import class_names
 from trainer.head import fit_linear_head
-from visionloop.bootstrap import paired_difference
 from visionloop.configs import RetrainConfig
 from visionloop.gate import GateRule, decide
 

@@ -1,18 +1,18 @@
-"""Which learner should `visionloop train` default to? The trainer's default, the loop's head
-learner and a small CNN trained from scratch, on the same long-tailed data, same run.
+"""Which learner, on which data? `--learner auto` on every scenario of bench.scenarios, with
+every candidate trained (no budget), over seeds, on this machine.
 
-Per seed (the scenarios of bench.active_learning: Fashion-MNIST, ratio 100, three minority
-classes, balanced val/ and test/):
-- finetune: `visionloop train --learner finetune --image-size 32` (Lite0 fine-tuned, 8
-  epochs, logit adjustment: the trainer's default until this bench);
-- head: the loop's learner and now the trainer's default (Lite0 frozen at 64 px, linear
-  head on cached embeddings);
-- small_cnn: trainer.models' 66k-parameter CNN from scratch at 28 px, logit adjustment,
-  15 epochs, light augmentation (the baseline a 28 px data set suggests).
-Test macro-F1 and minority recall from each published version's manifest (the trainer's
-own test evaluation), mean ± std over seeds, and the wall time of each training run.
+Per scenario and seed, one `run_training(learner="auto")`: each candidate of
+trainer.config.CANDIDATES is trained on train/, scored on val/ (what auto picks on) and on
+test/ (reported only), and timed; the manifest records them all, with each candidate's
+paired 95% bootstrap interval of (its test score - the pick's). Then the loop's retrain of
+the pick (its backbone kept, the head re-fit on cached embeddings) is timed once.
 
-    python -m bench.learners --seeds 0,1,2
+Reported per scenario: each candidate's test macro-F1 and minority recall (mean ± std over
+seeds) and seconds; auto's pick per seed and its scores; how many seeds some candidate beat
+the pick beyond the noise (its paired interval's low end above 0); the pick's minority
+recall against the small CNN's.
+
+    python -m bench.learners --seeds 0,1,2 [--scenarios a,b] [--candidates a,b]
 """
 
 from __future__ import annotations
@@ -24,30 +24,27 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.active_learning import build_data, default_scenario
+from bench.scenarios import SCENARIOS, scenario_data
 from core.fsutil import atomic_write_json, atomic_write_text
 from core.manifest import ModelManifest
-from trainer.config import TrainConfig
+from trainer.config import CANDIDATES, TrainConfig
 from trainer.train import run_training
 
-LEARNERS = {
-    # the trainer's default until this bench (since then the head learner at 64 px)
-    "finetune": {"learner": "finetune", "image_size": 32},
-    "head": {"learner": "head", "image_size": 64},
-    "small_cnn": {"arch": "small_cnn", "weights": "none", "image_size": 28, "epochs": 15,
-                  "freeze_epochs": 0, "lr": 3e-3},
-}
 
-
-def train(data: Path, root: Path, name: str, seed: int, options: dict) -> dict:
+def run_auto(data: Path, root: Path, name: str, seed: int, candidates: tuple[str, ...]) -> dict:
+    common = dict(data=str(data), out=str(root / "store"), name=name, seed=seed,
+                  embedding_cache=str(root.parent / "embeddings"), show_progress=False)
     started = time.monotonic()
-    version = run_training(TrainConfig(
-        data=str(data), out=str(root / "store"), name=f"{name}-{seed}", seed=seed,
-        embedding_cache=str(root.parent / "embeddings"), show_progress=False,
-        work_dir=str(root / "work" / f"{name}-{seed}"), **options))
-    metrics = ModelManifest.load(version).metrics
-    return {"macro_f1": metrics["test"]["macro_f1"], "minority_recall": metrics["minority_recall"],
-            "seconds": round(time.monotonic() - started, 1)}
+    version = run_training(TrainConfig(learner="auto", candidates=candidates, budget_s=1e9,
+                                       work_dir=str(root / "work" / name), **common))
+    seconds = time.monotonic() - started
+    manifest = ModelManifest.load(version)
+    started = time.monotonic()
+    run_training(TrainConfig(learner="head", parent=manifest.version,
+                             work_dir=str(root / "work" / f"{name}-retrain"), **common))
+    return {"seed": seed, "auto_seconds": round(seconds, 1),
+            "retrain_seconds": round(time.monotonic() - started, 1),
+            "selection": manifest.metrics["selection"]}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -55,43 +52,70 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
+def scenario_lines(name: str, runs: list[dict]) -> list[str]:
+    lines = [f"### {name}: {SCENARIOS[name].summary}", "",
+             "| learner | test macro-F1 | test minority recall | per seed (F1 / recall) | "
+             "seconds | seeds it beat the pick beyond the noise (F1) |",
+             "|---|---|---|---|---|---|"]
+    names = list(runs[0]["selection"]["candidates"])
+    for candidate in names:
+        rows = [r["selection"]["candidates"][candidate] for r in runs]
+        if any("skipped" in row for row in rows):
+            continue
+        beat = sum(row["test_minus_picked"]["macro_f1"]["low"] > 0 for row in rows)
+        lines.append(
+            f"| {candidate} | {_mean_std([r['test_macro_f1'] for r in rows])} | "
+            f"{_mean_std([r['test_minority_recall'] for r in rows])} | "
+            + ", ".join(f"{r['test_macro_f1']:.3f} / {r['test_minority_recall']:.3f}"
+                        for r in rows)
+            + f" | {statistics.mean(r['seconds'] for r in rows):.0f} | {beat} of {len(rows)} |")
+    picks = [r["selection"]["candidates"][r["selection"]["picked"]] for r in runs]
+    lines.append(
+        f"| **auto** (picked {', '.join(r['selection']['picked'] for r in runs)}) | "
+        f"{_mean_std([p['test_macro_f1'] for p in picks])} | "
+        f"{_mean_std([p['test_minority_recall'] for p in picks])} | "
+        + ", ".join(f"{p['test_macro_f1']:.3f} / {p['test_minority_recall']:.3f}" for p in picks)
+        + f" | {statistics.mean(r['auto_seconds'] for r in runs):.0f} (all candidates) | - |")
+    lines += ["", f"Retrain of the pick (head re-fit on its backbone, embeddings computed "
+                  f"once): {statistics.mean(r['retrain_seconds'] for r in runs):.0f} s "
+                  "on average.", ""]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--learners", default=",".join(LEARNERS))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--candidates", default=",".join(CANDIDATES))
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench-al"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/learners-cpu"))
+    parser.add_argument("--summarise", action="store_true",
+                        help="only rewrite README.md from results.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    scenario = default_scenario()
-    seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     saved = args.out / "results.json"
     # runs already in results.json are kept: a long run can be continued or extended
     results: dict[str, list[dict]] = json.loads(saved.read_text()) if saved.exists() else {}
-    for name in args.learners.split(","):
-        results.setdefault(name, [])
-    for seed in seeds:
-        data = build_data(args.work_dir, scenario, seed)
-        for name in args.learners.split(","):
-            if any(r["seed"] == seed for r in results[name]):
+    candidates = tuple(args.candidates.split(","))
+    for seed in [] if args.summarise else [int(s) for s in args.seeds.split(",")]:
+        for name in args.scenarios.split(","):
+            runs = results.setdefault(name, [])
+            if any(r["seed"] == seed for r in runs):
                 continue
-            results[name].append({"seed": seed, **train(data, args.work_dir / "learners", name,
-                                                         seed, LEARNERS[name])})
-            atomic_write_json(args.out / "results.json", results)
-    lines = ["# Learners on the same long-tailed data", "",
-             "`python -m bench.learners` on this machine (2 CPU cores; seeds and learners as "
-             "listed; runs in results.json are kept and extended); "
-             "test/ is balanced (500 per class); mean ± std over seeds.", "",
-             "| learner | macro-F1 | minority recall | per seed (macro-F1 / minority recall) "
-             "| seconds per run |", "|---|---|---|---|---|"]
-    for name, runs in results.items():
-        if not runs:
-            continue
-        per_seed = ", ".join(f"{r['macro_f1']:.3f} / {r['minority_recall']:.3f}" for r in runs)
-        lines.append(f"| {name} | {_mean_std([r['macro_f1'] for r in runs])} | "
-                     f"{_mean_std([r['minority_recall'] for r in runs])} | {per_seed} | "
-                     f"{statistics.mean(r['seconds'] for r in runs):.0f} |")
+            data = scenario_data(args.work_dir, name, seed)
+            runs.append(run_auto(data, args.work_dir / "learners", f"{name}-{seed}", seed,
+                                 candidates))
+            atomic_write_json(saved, results)
+    lines = ["# Learners on long-tailed data: `--learner auto` and every candidate", "",
+             "`python -m bench.learners` on this machine (2 CPU cores, no GPU); every "
+             "candidate trained (no budget); test/ is balanced and never used by the pick; "
+             "mean ± std over seeds. 'Beat the pick beyond the noise': the paired 95% "
+             "bootstrap interval (test images) of the candidate's macro-F1 minus the pick's "
+             "lies above 0.", ""]
+    for name in SCENARIOS:
+        if results.get(name):
+            lines += scenario_lines(name, results[name])
     atomic_write_text(args.out / "README.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from core.bootstrap import intervals, paired_difference
 from core.manifest import Preprocessing
 from core.scenario import ScenarioError, check_layout, read_pool
 from trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
 from trainer.head import fit_head, fit_linear_head, logits_of, set_head
-from visionloop.bootstrap import intervals, paired_difference
 from visionloop.configs import DemoConfig
 from visionloop.demo import stream_sizes
 

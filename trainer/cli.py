@@ -21,6 +21,10 @@ _HELP = {
     "minority": "comma-separated class names reported as minority (default: detected)",
     "augment": "none | light | standard | strong",
     "extra_train": "comma-separated ImageFolder trees added to train/ (e.g. labels/images)",
+    "learner": "auto (try the candidates, keep the best on val/) | head | finetune",
+    "candidates": "comma-separated, what --learner auto tries, in order",
+    "budget_s": "seconds --learner auto may spend; a candidate estimated not to fit is skipped",
+    "tune": "what a finetune trains of the backbone: all | last_blocks | norms_biases",
 }
 
 
@@ -46,6 +50,12 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     version_dir = run_training(cfg)
     if version_dir is not None:
+        from core.manifest import ModelManifest
+        from trainer.train import format_selection
+
+        selection = ModelManifest.load(version_dir).metrics.get("selection")
+        if selection and "inherited_from" not in selection:
+            print(format_selection(selection))
         print(version_dir)
     return 0
 

@@ -13,7 +13,33 @@ import yaml
 # import these names.
 AUGMENT_PRESETS = ("none", "light", "standard", "strong")
 IMBALANCE_METHODS = ("none", "oversample", "class_balanced", "logit_adjust")
-LEARNERS = ("finetune", "head")
+LEARNERS = ("auto", "finetune", "head")
+TUNE_MODES = ("all", "last_blocks", "norms_biases")
+# What `--learner auto` tries, cheapest first, each as the options it sets on top of the
+# user's (trainer/selection.py picks one on val/). `init_from`: start from that
+# candidate's trained model (linear probe, then fine-tune: LP-FT, Kumar et al., ICLR
+# 2022) instead of a fresh head. Costs and scores: bench/learners.py.
+CANDIDATES: dict[str, dict] = {
+    # the pretrained Lite0 frozen, a logit-adjusted linear head on its last block
+    "head": {"learner": "head", "arch": "efficientnet_lite0"},
+    # the same, on the pooled features of every stage from stride 8 on
+    "multiblock_head": {"learner": "head", "arch": "efficientnet_lite0_multiblock"},
+    # parameter-efficient: only norms' scales and shifts and the biases of the whole
+    # backbone, and the head (BitFit-like; LIFT, ICML 2024: light tuning keeps the tail)
+    "norms_biases": {"learner": "finetune", "arch": "efficientnet_lite0_multiblock",
+                     "tune": "norms_biases", "epochs": 3, "freeze_epochs": 0, "lr": 3e-4,
+                     "backbone_lr_scale": 3.0, "init_from": "multiblock_head"},
+    # multiblock_head's model with its last four blocks fine-tuned (augmented, warm-up +
+    # cosine, logit-adjusted loss, a small lr: the probe's head is already fit); every
+    # norm keeps its statistics (tune != all)
+    "partial_finetune": {"learner": "finetune", "arch": "efficientnet_lite0_multiblock",
+                         "tune": "last_blocks", "epochs": 3, "freeze_epochs": 0, "lr": 3e-4,
+                         "backbone_lr_scale": 1.0, "init_from": "multiblock_head"},
+    # a 66k-parameter CNN from scratch at 32 px, logit-adjusted loss, light augmentation
+    "small_cnn": {"learner": "finetune", "arch": "small_cnn", "weights": "none",
+                  "image_size": 32, "epochs": 10, "freeze_epochs": 0, "lr": 3e-3,
+                  "tune": "all"},
+}
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
 
@@ -31,10 +57,18 @@ class TrainConfig:
     out: str = "model_store"  # model_store root; the new version lands in out/<name>/vN
     name: str = "classifier"
     arch: str = "efficientnet_lite0"  # or any torchvision classification model name
-    # finetune: train backbone and head (epochs, lr, augment...); head: keep the backbone
-    # frozen and re-fit only the linear head on cached embeddings (trainer/head.py: seconds
-    # on a CPU; a warm start keeps its parent's logit-adjustment prior)
-    learner: str = "head"  # bench/learners.py: head 0.795 / 0.717 against finetune 0.764 / 0.584
+    # auto: train each of `candidates` within `budget_s` and keep the best on val/
+    # (trainer/selection.py); finetune: train backbone (what `tune` says) and head (epochs,
+    # lr, augment...); head: keep the backbone frozen and re-fit only the linear head on
+    # cached embeddings (trainer/head.py: seconds on a CPU; a warm start keeps its parent's
+    # logit-adjustment prior)
+    learner: str = "auto"
+    candidates: tuple[str, ...] = tuple(CANDIDATES)  # auto: what it tries, in this order
+    # auto: a candidate whose estimated cost does not fit in what is left is skipped (the
+    # first always runs). 15 min: every candidate on ~7k 28 px images on 2 CPU cores
+    budget_s: float = 900.0
+    tune: str = "all"  # finetune: all | last_blocks | norms_biases of the backbone
+    last_blocks: int = 4  # tune=last_blocks: this many of the backbone's last blocks
     head_l2: float | None = None  # head: L2; None = the parent's, else chosen on val/ (L2_GRID)
     embedding_cache: str = "runs/embeddings"  # head: embeddings by image sha256 + backbone
     weights: str = "DEFAULT"  # DEFAULT | none | path to a state_dict file
@@ -69,7 +103,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {"augment": AUGMENT_PRESETS, "imbalance": IMBALANCE_METHODS,
-                   "optimizer": OPTIMIZERS, "learner": LEARNERS,
+                   "optimizer": OPTIMIZERS, "learner": LEARNERS, "tune": TUNE_MODES,
                    "schedule": SCHEDULES, "on_corrupt": ("fail", "skip"),
                    "device": ("auto", "cuda", "cpu")}
         for key, allowed in choices.items():
@@ -82,6 +116,10 @@ class TrainConfig:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        unknown = sorted(set(self.candidates) - set(CANDIDATES))
+        if unknown or not self.candidates:
+            raise ValueError(f"candidates must be some of {', '.join(CANDIDATES)}, "
+                             f"got {list(self.candidates)}")
         if not 0 <= self.freeze_epochs <= self.epochs:
             raise ValueError(f"freeze_epochs must be in [0, epochs], got {self.freeze_epochs}")
 

