@@ -106,7 +106,8 @@ def test_resume_continues_after_the_last_completed_epoch(small_scenario, tmp_pat
 @pytest.mark.parametrize("args, message", [
     (["--data", "/nonexistent"], "has no train/ folder"),
     (["--weights", "/nonexistent/w.pth"], "does not exist"),
-    (["--arch", "resnet7"], "unknown architecture"),
+    (["--arch", "resnet7", "--learner", "finetune"], "unknown architecture"),
+    (["--arch", "resnet18"], "needs --learner head or finetune"),
     (["--imbalance", "magic"], "imbalance must be one of"),
 ])
 def test_cli_reports_bad_input_with_exit_code_2(small_scenario, tmp_path, capsys, args, message):
@@ -147,13 +148,13 @@ def test_two_process_ddp_run_on_cpu(small_scenario, tmp_path):
     assert "per rank 225 images/epoch" in result.stderr
 
 
-def test_default_head_learner_fits_on_cached_embeddings_and_keeps_the_prior(small_scenario,
-                                                                            tmp_path):
-    """The default learner: the frozen backbone's embeddings are cached, the head is fit,
+def test_head_learner_fits_on_cached_embeddings_and_keeps_the_prior(small_scenario, tmp_path):
+    """The head learner: the frozen backbone's embeddings are cached, the head is fit,
     exported like any version; a warm start with more labels keeps its parent's prior and
     L2 strength."""
     common = dict(data=str(small_scenario), out=str(tmp_path / "store"), name="head",
-                  num_workers=0, show_progress=False, work_dir=str(tmp_path / "runs"),
+                  learner="head", num_workers=0, show_progress=False,
+                  work_dir=str(tmp_path / "runs"),
                   embedding_cache=str(tmp_path / "embeddings"))
     parent = ModelManifest.load(run_training(TrainConfig(**common)))
     assert parent.training_config["learner"] == "head" and parent.preprocessing.image_size == 64

@@ -40,6 +40,7 @@ CANDIDATES: dict[str, dict] = {
                   "image_size": 32, "epochs": 10, "freeze_epochs": 0, "lr": 3e-3,
                   "tune": "all"},
 }
+DEFAULT_ARCH = "efficientnet_lite0"
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
 
@@ -56,7 +57,7 @@ class TrainConfig:
     test_per_class: int | None = None  # cap test/ images per class (faster reports); None = all
     out: str = "model_store"  # model_store root; the new version lands in out/<name>/vN
     name: str = "classifier"
-    arch: str = "efficientnet_lite0"  # or any torchvision classification model name
+    arch: str = DEFAULT_ARCH  # or any torchvision classification model name (head, finetune)
     # auto: train each of `candidates` within `budget_s` and keep the best on val/
     # (trainer/selection.py); finetune: train backbone (what `tune` says) and head (epochs,
     # lr, augment...); head: keep the backbone frozen and re-fit only the linear head on
@@ -116,6 +117,9 @@ class TrainConfig:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.learner == "auto" and self.arch != DEFAULT_ARCH:
+            raise ValueError(f"--arch {self.arch} needs --learner head or finetune: the "
+                             "candidates of --learner auto set their own architectures")
         unknown = sorted(set(self.candidates) - set(CANDIDATES))
         if unknown or not self.candidates:
             raise ValueError(f"candidates must be some of {', '.join(CANDIDATES)}, "

@@ -72,9 +72,11 @@ class DemoConfig:
     # on its embeddings; finetune = the whole network for champion_epochs. The retrains
     # keep the champion's backbone and re-fit its head (RetrainConfig.learner "champion")
     learner: str = "auto"
-    # auto: 5 min, for a demo of <= 15 min on 2 cores: head and multiblock_head (~3 min on
-    # the default scenario); the fine-tunes (~3-4 min each) are estimated not to fit and
-    # skipped (the report says so). bench/learners.py trains them all.
+    # auto: what the champion's selection tries, comma-separated, and its time budget. The
+    # two heads take ~2-3 min on the default scenario; each fine-tune candidate 3-4 min
+    # more, which would take the demo past 15 min on 2 cores (bench/learners.py trains
+    # them all; `--candidates` of the trainer's config for the full list)
+    champion_candidates: str = "head,multiblock_head"
     champion_budget_s: float = 300.0
     image_size: int = 64  # 64 px frozen Lite0 features: macro-F1 0.79 against 0.75 at 32 px
     champion_epochs: int = 4  # finetune only

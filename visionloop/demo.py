@@ -158,6 +158,7 @@ def train_champion(cfg: DemoConfig, store: Path) -> Path:
     return run_training(TrainConfig(
         data=str(cfg.scenario), out=str(store), name=cfg.name, image_size=cfg.image_size,
         learner=cfg.learner, budget_s=cfg.champion_budget_s,
+        candidates=tuple(cfg.champion_candidates.split(",")),
         embedding_cache=str(embedding_cache(cfg)),
         epochs=cfg.champion_epochs, freeze_epochs=min(1, cfg.champion_epochs),
         seed=cfg.seed, show_progress=False, work_dir=str(cfg.out / "work" / "champion")))

@@ -14,7 +14,8 @@ from pathlib import Path
 from core.lock import LockBusy
 from labeling.cli import add_server_arguments, server_config
 from serving.server import ServerConfig
-from visionloop.configs import DemoConfig, RetrainConfig
+from trainer.config import LEARNERS
+from visionloop.configs import RETRAIN_LEARNERS, DemoConfig, RetrainConfig
 
 _TYPES = {"int": int, "int | None": int, "float": float, "Path": Path, "Path | None": Path,
           "str": str}
@@ -32,6 +33,7 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         default = None if f.default is MISSING else f.default
         parser.add_argument(flag, type=_TYPES[str(f.type)], default=default,
+                            choices=RETRAIN_LEARNERS if f.name == "learner" else None,
                             help=f"{f.name.replace('_', ' ')} (default: {default})")
     add_server_arguments(parser)
     parser.add_argument("--torchserve-home", type=Path, default=ServerConfig.home,
@@ -93,8 +95,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a few minutes on small settings (tests); flags still override")
     for f in fields(DemoConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), type=_TYPES[str(f.type)],
-                            default=None, help=f"{f.name.replace('_', ' ')} "
-                                               f"(default: {f.default})")
+                            default=None, choices=LEARNERS if f.name == "learner" else None,
+                            help=f"{f.name.replace('_', ' ')} (default: {f.default})")
 
 
 def run_demo(args: argparse.Namespace) -> int:
