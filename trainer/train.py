@@ -269,9 +269,7 @@ class Fitter:
 
     def evaluate_epoch(self, epoch: int, stats: dict, started: float) -> bool:
         """Rank 0: score val, keep the best weights, checkpoint; True means stop early."""
-        logits, labels = predict_logits(self.model, self.val_loader, self.ctx.device,
-                                        amp=self.cfg.amp, channels_last=self.cfg.channels_last)
-        val_f1 = classification_report(logits, labels, self.splits.classes)["macro_f1"]
+        val_f1 = self.val_macro_f1()
         if val_f1 > self.result.best_val_f1:
             self.result.best_val_f1, self.result.best_state = val_f1, _cpu_state(self.model)
         self.result.history.append({"epoch": epoch, **stats, "val_macro_f1": val_f1})
@@ -284,11 +282,13 @@ class Fitter:
         best_epoch = max(self.result.history, key=lambda h: h["val_macro_f1"])["epoch"]
         return epoch - best_epoch >= self.cfg.early_stop_patience
 
-    def score_start(self) -> None:
+    def val_macro_f1(self) -> float:
         logits, labels = predict_logits(self.model, self.val_loader, self.ctx.device,
                                         amp=self.cfg.amp, channels_last=self.cfg.channels_last)
-        self.result.best_val_f1 = classification_report(logits, labels,
-                                                        self.splits.classes)["macro_f1"]
+        return classification_report(logits, labels, self.splits.classes)["macro_f1"]
+
+    def score_start(self) -> None:
+        self.result.best_val_f1 = self.val_macro_f1()
         self.result.history.append({"epoch": -1, "val_macro_f1": self.result.best_val_f1})
         log.info("the start's val macro-F1: %.4f", self.result.best_val_f1)
 
@@ -382,8 +382,8 @@ def base_data_strength(train: np.ndarray, train_labels: np.ndarray, splits: Spli
 
 
 def train_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, splits: Splits,
-               labels: dict[str, np.ndarray], prior: list[int],
-               l2: float | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+               labels: dict[str, np.ndarray], prior: list[int], l2: float | None,
+               warm_start: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Re-fit the linear head on cached embeddings of the frozen backbone; the model's head
     is set to it. Returns val and test logits and what was chosen."""
     if ctx.world_size > 1:
@@ -401,7 +401,7 @@ def train_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, splits:
     finally:
         cache.close()
     prior = np.asarray(prior, dtype=np.float64)
-    if l2 is None and start.parent_version is not None:
+    if l2 is None and warm_start:
         l2 = base_data_strength(features["train"], labels["train"], splits, features["val"],
                                 labels["val"], prior)
     fit = fit_head((features["train"], labels["train"]), (features["val"], labels["val"]),
@@ -465,7 +465,7 @@ def fit_and_evaluate(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, s
                      loaders: tuple[DataLoader, DataLoader, DataLoader],
                      minority: list[str]) -> tuple[dict, torch.Tensor, torch.Tensor] | None:
     """The fine-tune learner: the epoch loop, then (rank 0) the best weights' metrics and
-    val/ logits."""
+    val/ and test/ logits."""
     fitter = Fitter(cfg, ctx, start, splits, loaders)
     if cfg.resume and fitter.last_path.exists():
         fitter.resume()
@@ -489,7 +489,7 @@ def fit_and_evaluate_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoi
     labels = {name: np.array([y for _, y in samples], dtype=np.int64) for name, samples in
               (("train", splits.train), ("val", splits.val), ("test", splits.test))}
     val_logits, test_logits, info = train_head(cfg, ctx, start, splits, labels, prior,
-                                               head_strength(cfg, parent))
+                                               head_strength(cfg, parent), parent is not None)
     metrics = metrics_from_logits(val_logits, torch.from_numpy(labels["val"]), test_logits,
                                   torch.from_numpy(labels["test"]), splits, minority)
     metrics["head"] = info
