@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from core.capture_spool import ROW_FIELDS, CaptureSpool, new_key
 from core.db import open_wal, transaction
 from core.reply import Prediction
 
@@ -41,7 +42,7 @@ DATABASE_ENV = "VISIONLOOP_CAPTURE_DATABASE"  # the index's URL, for every proce
 WRITER_BUSY_TIMEOUT_S = 0.2  # the handler never waits long: a busy store is a capture error
 READER_BUSY_TIMEOUT_S = 5.0
 POSTGRES_POOL_SIZE = 2  # per process: a worker writes one batch at a time
-FIRST_CONNECTION_WAIT_S = 2.0  # a process's first use waits this long for its first connection
+FIRST_CONNECTION_WAIT_S = 2.0  # a store's first use waits this long for its first connection
 # Where two replicas open a fresh PostgreSQL index at once, one migrates, the other waits.
 MIGRATION_LOCK_KEY = 0x76697369  # "visi"
 
@@ -95,6 +96,13 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...], tuple[str, ...]], ...] = (
     ), (
         "CREATE INDEX IF NOT EXISTS captures_unlinked ON captures(model_name, id)"
         " WHERE task_id IS NULL",
+    )),
+    (3, "a unique key per row, so a spooled batch replayed twice is written once", (
+        "ALTER TABLE captures ADD COLUMN spool_key TEXT",
+        "CREATE UNIQUE INDEX IF NOT EXISTS captures_spool_key ON captures(spool_key)",
+    ), (
+        "ALTER TABLE captures ADD COLUMN IF NOT EXISTS spool_key TEXT",
+        "CREATE UNIQUE INDEX IF NOT EXISTS captures_spool_key ON captures(spool_key)",
     )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -185,7 +193,7 @@ class _PostgresIndex:
 
     backend = "postgresql"
 
-    def __init__(self, url: str, busy_timeout_s: float) -> None:
+    def __init__(self, url: str, busy_timeout_s: float, first_wait_s: float) -> None:
         import psycopg  # only where a PostgreSQL index is configured
         from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -198,8 +206,11 @@ class _PostgresIndex:
                                     check=ConnectionPool.check_connection,
                                     kwargs={"connect_timeout": 2},
                                     name="visionloop-captures")
-        with contextlib.suppress(PoolTimeout):  # once per process: the first connection
-            self._pool.wait(timeout=FIRST_CONNECTION_WAIT_S)
+        try:
+            self._pool.wait(timeout=first_wait_s)
+        except PoolTimeout as exc:  # psycopg_pool closes a pool that timed out waiting
+            self._pool.close()
+            raise self._error(exc) from exc
 
     def _error(self, exc: BaseException) -> CaptureStoreError:
         return CaptureStoreError(f"capture index (PostgreSQL {redacted(self._url)}): "
@@ -223,11 +234,12 @@ class _PostgresIndex:
         self._pool.close()
 
 
-def _open_index(url: str, busy_timeout_s: float) -> _SqliteIndex | _PostgresIndex:
+def _open_index(url: str, busy_timeout_s: float,
+                first_wait_s: float) -> _SqliteIndex | _PostgresIndex:
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         return _SqliteIndex(Path(parts.path), busy_timeout_s)
-    return _PostgresIndex(url, busy_timeout_s)
+    return _PostgresIndex(url, busy_timeout_s, first_wait_s)
 
 
 def migrate(index: _SqliteIndex | _PostgresIndex) -> None:
@@ -287,13 +299,22 @@ class CaptureStore:
         self._busy_timeout_s = busy_timeout_s
         self._index: _SqliteIndex | _PostgresIndex | None = None
         self._migrated = False
+        self._open_failed = False
         self._opening = threading.Lock()
 
     def _opened(self) -> _SqliteIndex | _PostgresIndex:
         with self._opening:
             if self._index is None:
                 (self.root / "images").mkdir(parents=True, exist_ok=True)
-                self._index = _open_index(self.url, self._busy_timeout_s)
+                # the first open may wait for a server that is starting; a re-open after
+                # one failed (an outage) waits no longer than a write would
+                first_wait_s = FIRST_CONNECTION_WAIT_S if not self._open_failed else \
+                    self._busy_timeout_s
+                try:
+                    self._index = _open_index(self.url, self._busy_timeout_s, first_wait_s)
+                except CaptureStoreError:
+                    self._open_failed = True
+                    raise
             if not self._migrated:  # kept open while the database is down: its pool retries
                 migrate(self._index)
                 self._migrated = True
@@ -327,20 +348,36 @@ class CaptureStore:
             os.replace(tmp, path)
         return sha
 
-    def write(self, items: Sequence[tuple[bytes, str, Prediction]]) -> None:
-        """(image bytes, request id, reply) per capture: the images, then every row in one
-        transaction. Raises OSError, CaptureStoreError or ValueError; the caller decides
-        what a failure means."""
+    def rows(self, items: Sequence[tuple[bytes, str, Prediction]]) -> list[dict[str, Any]]:
+        """(image bytes, request id, reply) per capture -> its index row (core.capture_spool
+        ROW_FIELDS), each with a new unique key, after writing the images. Raises OSError."""
         now = _now()
-        rows = [(request_id, self._write_image(data), reply.model, reply.version, reply.label,
-                 json.dumps(list(reply.probabilities)), reply.uncertainty.max_prob,
-                 reply.uncertainty.margin, reply.uncertainty.entropy, now)
+        return [{"request_id": request_id, "image_sha256": self._write_image(data),
+                 "model_name": reply.model, "model_version": reply.version,
+                 "predicted": reply.label, "probabilities": json.dumps(list(reply.probabilities)),
+                 "max_prob": reply.uncertainty.max_prob, "margin": reply.uncertainty.margin,
+                 "entropy": reply.uncertainty.entropy, "created_at": now,
+                 "spool_key": new_key()}
                 for data, request_id, reply in items]
+
+    def insert(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Rows from rows() or a spool, in one transaction; a row whose key is in the index
+        already is skipped (a replay of a batch that was committed). Raises CaptureStoreError."""
+        columns = ", ".join(ROW_FIELDS)
         with self._opened().transaction() as tx:
             tx.executemany(
-                "INSERT INTO captures (request_id, image_sha256, model_name, model_version,"
-                " predicted, probabilities, max_prob, margin, entropy, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                f"INSERT INTO captures ({columns}) VALUES ({', '.join('?' * len(ROW_FIELDS))})"
+                " ON CONFLICT DO NOTHING", [tuple(row[f] for f in ROW_FIELDS) for row in rows])
+
+    def write(self, items: Sequence[tuple[bytes, str, Prediction]]) -> None:
+        """The images, then every row in one transaction. Raises OSError, CaptureStoreError
+        or ValueError; the caller decides what a failure means."""
+        self.insert(self.rows(items))
+
+    def replay_spool(self) -> int:
+        """Write the rows a spool holds (core.capture_spool) to the index; returns how many.
+        Raises CaptureStoreError while the index is still down (the rows keep waiting)."""
+        return CaptureSpool(self.root).replay(self.insert)
 
     # --- the queries labeling needs (push, pull) ---
 

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PushResult:
+    replayed_from_spool: int = 0  # rows spooled while the index was down, written by this push
     reconciled: int = 0  # captures linked to tasks that already existed
     unlinked_deleted: int = 0  # captures whose task was deleted in Label Studio: candidates again
     candidates: int = 0  # distinct unlinked images considered
@@ -194,6 +195,8 @@ def push(capture_dir: Path, client: LabelStudio, project: Project, model: str,
     store = CaptureStore(capture_dir, busy_timeout_s=READER_BUSY_TIMEOUT_S, url=capture_database)
     try:
         result = PushResult()
+        # captures spooled during an outage of the index, when no serving write came since
+        result.replayed_from_spool = store.replay_spool()
         existing = project_tasks(client, project)
         result.unlinked_deleted = store.unlink_tasks_not_in(set(existing.by_image.values()),
                                                             model)

@@ -1,5 +1,6 @@
 """What the handler captures: the capture policy and a rate-capped capturer that never fails
-a reply. The store itself (files, schema, transaction) is core.capture_store."""
+a reply. The store itself (files, schema, transaction) is core.capture_store; while its index
+is down, rows wait in core.capture_spool and are written once it is back."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.capture_spool import SPOOL_MAX_BYTES, CaptureSpool, SpoolFull
 from core.capture_store import CaptureStore, CaptureStoreError
 from core.manifest import ModelManifest
 from core.reply import Prediction, Uncertainty
@@ -62,18 +64,25 @@ def capture_policy(manifest: ModelManifest, max_confidence: float | None = CAPTU
 
 class Capturer:
     """The handler's side of the store: applies the policy and the rate cap, counts, and
-    never raises (a full disk or a locked database is logged; the reply goes out)."""
+    never raises (a full disk is logged; the reply goes out). An index that cannot be
+    reached costs no capture: the rows go to the spool, and the next write that reaches
+    the index replays the spool first (every process's, oldest first)."""
 
     def __init__(self, root: str | Path, policy: CapturePolicy = CapturePolicy(),
-                 database: str | None = None) -> None:
+                 database: str | None = None, spool_max_bytes: int = SPOOL_MAX_BYTES) -> None:
         self.store, self.policy = CaptureStore(root, url=database), policy
-        self.counts = {"captured": 0, "dropped_rate_limit": 0, "errors": 0}
+        self.spool = CaptureSpool(root, spool_max_bytes)
+        # captured: acknowledged in the reply (spooled ones included); spooled: of those, sent
+        # to the spool; replayed: spooled rows (any process's) this one wrote to the index
+        self.counts = {"captured": 0, "spooled": 0, "replayed": 0, "dropped_rate_limit": 0,
+                       "dropped_spool_full": 0, "errors": 0}
         self._lock = threading.Lock()
         self._window_start, self._window_count = time.monotonic(), 0
 
     def close(self) -> None:
-        """Close the store's connection (a PostgreSQL pool's threads with it)."""
+        """Close the store's connection (a PostgreSQL pool's threads with it) and the spool."""
         self.store.close()
+        self.spool.close()
 
     def _within_rate(self) -> bool:
         now = time.monotonic()
@@ -81,6 +90,33 @@ class Capturer:
             self._window_start, self._window_count = now, 0
         self._window_count += 1
         return self._window_count <= self.policy.per_minute
+
+    def _index_or_spool(self, rows: list[dict]) -> bool:
+        """Write rows to the index (after what the spool holds), else to the spool; True if
+        they are kept either way."""
+        try:
+            if self.spool.files():
+                self.counts["replayed"] += self.store.replay_spool()
+            self.store.insert(rows)
+            return True
+        except CaptureStoreError as exc:
+            reason = exc
+        try:
+            self.spool.append(rows)
+        except SpoolFull as exc:
+            self.counts["dropped_spool_full"] += len(rows)
+            log.error("capture index down (%s) and %s: %d captures dropped", reason, exc,
+                      len(rows))
+            return False
+        except OSError as exc:
+            self.counts["errors"] += len(rows)
+            log.error("capture index down (%s) and the spool refused the rows (%s): %d "
+                      "captures lost", reason, exc, len(rows))
+            return False
+        self.counts["spooled"] += len(rows)
+        log.warning("capture index down, %d captures spooled in %s: %s", len(rows),
+                    self.spool.dir, reason)
+        return True
 
     def capture_batch(self, items: list[tuple[bytes, str, Prediction]]) -> list[bool]:
         """(image bytes, request id, reply) per request -> captured or not; never raises."""
@@ -97,11 +133,13 @@ class Capturer:
             if not chosen:
                 return captured
             try:
-                self.store.write([items[i] for i in chosen])
-            except (OSError, CaptureStoreError, ValueError) as exc:
+                rows = self.store.rows([items[i] for i in chosen])
+            except (OSError, ValueError) as exc:
                 self.counts["errors"] += len(chosen)
                 log.error("capture of %d predictions failed (the replies still go out): %s",
                           len(chosen), exc)
+                return captured
+            if not self._index_or_spool(rows):
                 return captured
             self.counts["captured"] += len(chosen)
             for i in chosen:

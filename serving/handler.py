@@ -19,6 +19,7 @@ from core.manifest import ModelManifest
 from serving.backends import load_backend
 from serving.capture import CapturePolicy, Capturer
 from serving.inference import BadInput, Limits, predict_batch
+from serving.inflight import INFLIGHT_ENV, marked
 from serving.metrics import emit as emit_metrics
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,18 @@ class VisionloopHandler:
         self.backend = load_backend(artifact, props.get("gpu_id"))
         capture_dir = os.environ.get("VISIONLOOP_CAPTURE_DIR")
         self.capture = Capturer(capture_dir, self.config.capture) if capture_dir else None
+        # the name and version TorchServe registered, for the in-flight marker a drain reads
+        self.registered = (context.model_name or self.manifest.name,
+                           context.manifest.get("model", {}).get("modelVersion")
+                           or self.manifest.version)
         self.initialized = True
 
     def handle(self, data: list[dict], context: Any) -> list[str]:
         """One reply per request, in order; bad requests get a 4xx of their own."""
+        with marked(os.environ.get(INFLIGHT_ENV), *self.registered):
+            return self._handle(data, context)
+
+    def _handle(self, data: list[dict], context: Any) -> list[str]:
         raw = [row.get("data") or row.get("body") for row in data]
         results = predict_batch(self.backend, self.manifest, raw, self.config.limits,
                                 self.config.top_k)
@@ -71,15 +80,17 @@ class VisionloopHandler:
         if good:
             answered = [results[i] for i in good]
             flags: list[bool | None] = [None] * len(good)
-            captured, errors = 0, 0
+            captured, errors, spooled = 0, 0, 0
             if self.capture is not None:
                 ids = [context.get_request_id(i) or uuid.uuid4().hex for i in good]
-                errors_before = self.capture.counts["errors"]
+                before = dict(self.capture.counts)
                 flags = self.capture.capture_batch(
                     [(bytes(raw[i]), request_id, reply)
                      for i, request_id, reply in zip(good, ids, answered, strict=True)])
-                captured, errors = sum(flags), self.capture.counts["errors"] - errors_before
-            emit_metrics(context.metrics, answered, captured, errors)
+                after = self.capture.counts
+                captured, spooled = sum(flags), after["spooled"] - before["spooled"]
+                errors = sum(after[k] - before[k] for k in ("errors", "dropped_spool_full"))
+            emit_metrics(context.metrics, answered, captured, errors, spooled)
             for i, reply, flag in zip(good, answered, flags, strict=True):
                 bodies[i] = reply.with_serving(flag, self.backend.name).to_dict()
         return [json.dumps(body) for body in bodies]

@@ -5,7 +5,10 @@ model_metrics_auto_detect=true) with its default ModelName and Level labels:
 - PredictionConfidence{PredictedClass, ConfidenceBin}: a confidence histogram per predicted
   class, as counts in ten bins of calibrated max probability ("0.0-0.1" ... "0.9-1.0");
 - CapturedPredictions{ModelVersion}: predictions written to the capture store;
-- CaptureErrors{ModelVersion}: captures that failed (the reply went out regardless).
+- CaptureErrors{ModelVersion}: captures that failed or were dropped with the spool full (the
+  reply went out regardless);
+- CapturesSpooled{ModelVersion}: of the captured, those the index could not take, kept in the
+  spool until it is back (core.capture_spool).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ def confidence_bin(max_prob: float) -> str:
     return f"{index / BINS:.1f}-{(index + 1) / BINS:.1f}"
 
 
-def emit(metrics: Any, replies: list[Prediction], captured: int, capture_errors: int) -> None:
+def emit(metrics: Any, replies: list[Prediction], captured: int, capture_errors: int,
+         spooled: int = 0) -> None:
     """Record one handled batch; `metrics` is TorchServe's context.metrics."""
     from ts.metrics.dimension import Dimension  # TorchServe's own type, only inside a worker
 
@@ -34,3 +38,4 @@ def emit(metrics: Any, replies: list[Prediction], captured: int, capture_errors:
         version = [Dimension("ModelVersion", replies[0].version)]
         metrics.add_counter("CapturedPredictions", captured, dimensions=version)
         metrics.add_counter("CaptureErrors", capture_errors, dimensions=version)
+        metrics.add_counter("CapturesSpooled", spooled, dimensions=version)

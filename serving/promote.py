@@ -1,8 +1,9 @@
 """Zero-downtime promotion of a new model version in a running TorchServe.
 
 register new version -> wait for a READY worker -> set it default -> drain the old
-version(s) (no pending requests) -> unregister them. Deleting a version that still has
-requests in flight leaves those requests without any answer, hence the drain.
+version(s) (no pending request, no batch running: serving.inflight) -> unregister them.
+Deleting a version that still has requests in flight leaves those requests without any
+answer, hence the drain.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from core.failpoints import failpoint
 from serving.archive_check import check_archive
+from serving.inflight import running_batches
 from serving.server import (
     ServerConfig,
     ServerError,
@@ -52,28 +54,31 @@ def pending_requests(cfg: ServerConfig, model: str, version: str) -> int:
     return int(described[0]["jobQueueStatus"]["pendingRequests"])
 
 
-# TorchServe counts queued requests only: a batch a worker is running is no longer pending,
-# and unregistering the version kills that worker without answering it (seen as 3 requests
-# that never got a reply, behind HAProxy, in tests/test_replicas.py with a 0.25 s window).
-# After set-default no new request is routed to the old version, so its in-flight batches
-# end within one inference: a quiet window longer than that covers them.
-DRAIN_QUIET_S = 2.0
+# After set-default no new request is routed to the old version. TorchServe counts queued
+# requests only, and unregistering a version kills a worker mid-batch without answering it
+# (seen as 3 requests that never got a reply, behind HAProxy, in tests/test_replicas.py),
+# so the drain also waits for the batches the workers mark as running (serving.inflight).
+# The quiet window covers a batch between leaving the queue and its worker marking it.
+DRAIN_QUIET_S = 0.5
 
 
-def drain(cfg: ServerConfig, model: str, version: str, timeout: float = 30.0,
-          quiet_s: float = DRAIN_QUIET_S) -> None:
-    """Wait until the version has had no pending requests for quiet_s."""
-    deadline, quiet_since = time.monotonic() + timeout, None
+def drain(cfg: ServerConfig, model: str, version: str, timeout: float = 60.0,
+          quiet_s: float = DRAIN_QUIET_S) -> int:
+    """Wait until the version has had no pending request and no running batch for quiet_s.
+    Returns how many checks found a batch running (0: it was idle when drained)."""
+    deadline, quiet_since, waited_on_batches = time.monotonic() + timeout, None, 0
     while time.monotonic() < deadline:
         now = time.monotonic()
-        if pending_requests(cfg, model, version) == 0:
+        running = running_batches(cfg.model_store, model, version)
+        waited_on_batches += running > 0
+        if running == 0 and pending_requests(cfg, model, version) == 0:
             quiet_since = now if quiet_since is None else quiet_since
             if now - quiet_since >= quiet_s:
-                return
+                return waited_on_batches
         else:
             quiet_since = None
-        time.sleep(0.25)
-    raise ServerError(f"{model} {version} still had pending requests after {timeout:.0f}s")
+        time.sleep(0.05)
+    raise ServerError(f"{model} {version} still had requests in flight after {timeout:.0f}s")
 
 
 def promote(cfg: ServerConfig, model: str, version: str, mar_file: str,
@@ -103,9 +108,10 @@ def promote(cfg: ServerConfig, model: str, version: str, mar_file: str,
     failpoint("promote.default_set")
     removed = [v for v in registered if v != version]
     for old in removed:
-        drain(cfg, model, old)
+        busy = drain(cfg, model, old)
         management(cfg, "DELETE", f"/models/{model}/{old}")
-        log.info("%s: unregistered %s after draining it", model, old)
+        log.info("%s: unregistered %s after draining it (%s)", model, old,
+                 f"a batch was running at {busy} checks" if busy else "it was idle")
     if not workers_ready(cfg, model):
         raise ServerError(f"{model} has no READY worker after promoting {version}")
     return removed

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from core.capture_store import DATABASE_ENV
 from serving.archive_check import check_archive
+from serving.inflight import INFLIGHT_ENV, inflight_dir
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def _env(cfg: ServerConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.update(TMPDIR=str(cfg.tmp.resolve()), TEMP=str(cfg.tmp.resolve()),
                VISIONLOOP_CAPTURE_DIR=str(cfg.capture_dir.resolve()))
+    env[INFLIGHT_ENV] = str(inflight_dir(cfg.model_store).resolve())
     if cfg.capture_database:
         env[DATABASE_ENV] = cfg.capture_database  # the workers' env: not in the process list
     return env

@@ -93,14 +93,25 @@ def _halt(process: subprocess.Popen, timeout: float = 30.0) -> None:
             process.wait()
 
 
+def halt(server: PostgresServer) -> float:
+    """Stop the server (its data kept); returns the monotonic time it was down."""
+    _halt(server.process)
+    return time.monotonic()
+
+
+def resume(server: PostgresServer) -> float:
+    """Start a halted server again on the same data and port; returns the monotonic time it
+    accepted connections."""
+    server.process = _launch(server.root, server.port, 60.0)
+    return time.monotonic()
+
+
 def restart(server: PostgresServer, down_s: float) -> tuple[float, float]:
     """Stop the server, keep it down for down_s, start it again on the same data and port.
     Returns (monotonic time it went down, time it accepted connections again)."""
-    _halt(server.process)
-    went_down = time.monotonic()
+    went_down = halt(server)
     time.sleep(down_s)
-    server.process = _launch(server.root, server.port, 60.0)
-    return went_down, time.monotonic()
+    return went_down, resume(server)
 
 
 def create_database(server: PostgresServer, name: str) -> str:

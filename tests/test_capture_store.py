@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from core.capture_spool import CaptureSpool
 from core.capture_store import (
     DB_FILE,
     MIGRATIONS,
@@ -74,7 +75,8 @@ def test_capture_rate_cap_never_raises(tmp_path, capture_database):
                             database=capture_database))
     results = [store.maybe_capture(bytes([i]), f"r{i}", reply(0.5)) for i in range(5)]
     assert results == [True, True, True, False, False]
-    assert store.counts == {"captured": 3, "dropped_rate_limit": 2, "errors": 0}
+    assert store.counts == {"captured": 3, "spooled": 0, "replayed": 0, "dropped_rate_limit": 2,
+                            "dropped_spool_full": 0, "errors": 0}
 
 
 def test_a_broken_capture_directory_is_a_counted_error(tmp_path):
@@ -85,21 +87,93 @@ def test_a_broken_capture_directory_is_a_counted_error(tmp_path):
     assert broken.counts["errors"] == 1
 
 
-def test_an_unreachable_database_is_a_counted_error_within_seconds(tmp_path):
+def unreachable_database() -> str:
     from core.ports import free_loopback_ports
 
     (port,) = free_loopback_ports(1)  # nothing listens there
-    url = f"postgresql://visionloop:secret-pw@127.0.0.1:{port}/captures"
+    return f"postgresql://visionloop:secret-pw@127.0.0.1:{port}/captures"
+
+
+def test_an_unreachable_database_spools_the_captures_within_seconds(tmp_path):
+    url = unreachable_database()
     store = opened(Capturer(tmp_path, CapturePolicy(per_minute=100), database=url))
     started = time.monotonic()
-    assert [store.maybe_capture(bytes([i]), f"r{i}", reply(0.5)) for i in range(3)] == [
-        False] * 3
+    assert [store.maybe_capture(bytes([i]), f"r{i}", reply(0.5)) for i in range(3)] == [True] * 3
     assert time.monotonic() - started < 5  # one first-connection wait, then the 0.2 s timeout
-    assert store.counts == {"captured": 0, "dropped_rate_limit": 0, "errors": 3}
+    assert store.counts["spooled"] == store.counts["captured"] == 3
     store.store.close()
     with pytest.raises(CaptureStoreError) as err:
         opened(CaptureStore(tmp_path, url=url)).captures()
     assert "secret-pw" not in str(err.value) and "***" in str(err.value)
+
+
+def test_captures_spooled_while_the_index_is_down_reach_it_in_order_once(tmp_path,
+                                                                        capture_database):
+    down = opened(Capturer(tmp_path, CapturePolicy(max_confidence=0.7),
+                           database=unreachable_database()))
+    assert down.capture_batch([(b"a", "r1", reply(0.5)), (b"b", "r2", reply(0.9))]) == [
+        True, False]
+    assert down.maybe_capture(b"c", "r3", reply(0.6))
+    assert down.counts["spooled"] == 2 and len(CaptureSpool(tmp_path).files()) == 1
+    up = opened(Capturer(tmp_path, CapturePolicy(max_confidence=0.7), database=capture_database))
+    assert up.maybe_capture(b"d", "r4", reply(0.5))  # replays the spool first
+    assert up.counts["replayed"] == 2 and not CaptureSpool(tmp_path).files()
+    assert [r.request_id for r in rows(tmp_path, capture_database)] == ["r1", "r3", "r4"]
+    assert down.maybe_capture(b"e", "r5", reply(0.5))  # a new file: its old one was replayed
+    assert up.maybe_capture(b"f", "r6", reply(0.5))
+    assert [r.request_id for r in rows(tmp_path, capture_database)] == [
+        "r1", "r3", "r4", "r5", "r6"]
+
+
+def test_a_replay_killed_after_its_commit_writes_nothing_twice(tmp_path, capture_database):
+    store = opened(CaptureStore(tmp_path, url=capture_database))
+    batch = store.rows([(b"a", "r1", reply(0.5)), (b"b", "r2", reply(0.4))])
+    CaptureSpool(tmp_path).append(batch)
+    store.insert(batch)  # a replay's commit, its process killed before it deleted the file
+    assert store.replay_spool() == 2
+    assert [r.request_id for r in store.captures()] == ["r1", "r2"]
+    assert not CaptureSpool(tmp_path).files()
+
+
+def test_the_spool_skips_a_torn_line_and_drops_beyond_its_cap(tmp_path):
+    spool = CaptureSpool(tmp_path)
+    store = opened(CaptureStore(tmp_path))
+    spool.append(store.rows([(b"a", "r1", reply(0.5))]))
+    with open(spool.files()[0], "ab") as f:
+        f.write(b'{"request_id": "torn')  # its writer killed mid-append, before replying
+    assert store.replay_spool() == 1
+    assert [r.request_id for r in store.captures()] == ["r1"]
+    capped = opened(Capturer(tmp_path / "capped", CapturePolicy(per_minute=100),
+                             database=unreachable_database(), spool_max_bytes=1000))
+    flags = [capped.maybe_capture(bytes([i]), f"r{i}", reply(0.5)) for i in range(6)]
+    assert flags[0] and not flags[-1]
+    assert capped.counts["spooled"] + capped.counts["dropped_spool_full"] == 6
+    assert capped.counts["dropped_spool_full"] >= 1 and capped.spool.size() <= 1000
+
+
+SPOOL_AND_DIE = """
+import os, signal, sys
+from core.capture_spool import CaptureSpool
+from core.reply import ClassScore, Prediction, Uncertainty
+from serving.capture import CapturePolicy, Capturer
+reply = Prediction(model="fm", version="v1", predictions=(ClassScore("a", 0.5),),
+                   probabilities=(0.5, 0.5), uncertainty=Uncertainty(0.5, 0.0, 0.5))
+capturer = Capturer(sys.argv[1], CapturePolicy(), database=sys.argv[2])
+assert capturer.maybe_capture(b"acked", "acked", reply)
+print("captured", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_capture_acknowledged_from_the_spool_survives_kill_9(tmp_path, capture_database):
+    import subprocess
+    import sys
+
+    died = subprocess.run([sys.executable, "-c", SPOOL_AND_DIE, str(tmp_path),
+                           unreachable_database()], capture_output=True, text=True, timeout=60)
+    assert died.returncode == -9 and died.stdout.strip() == "captured"
+    assert opened(CaptureStore(tmp_path, url=capture_database)).replay_spool() == 1
+    assert [r.request_id for r in rows(tmp_path, capture_database)] == ["acked"]
 
 
 def _writer(root: str, database: str | None, worker: int, count: int) -> None:
@@ -132,7 +206,8 @@ def test_capture_batch_marks_exactly_the_uncertain_ones(tmp_path, capture_databa
     items = [(b"a", "r1", reply(0.9)), (b"b", "r2", reply(0.5)), (b"c", "r3", reply(0.6)),
              (b"d", "r4", reply(0.4))]
     assert store.capture_batch(items) == [False, True, True, False]  # r4: over the rate cap
-    assert store.counts == {"captured": 2, "dropped_rate_limit": 1, "errors": 0}
+    assert store.counts == {"captured": 2, "spooled": 0, "replayed": 0, "dropped_rate_limit": 1,
+                            "dropped_spool_full": 0, "errors": 0}
     assert [r.request_id for r in rows(tmp_path, capture_database)] == ["r2", "r3"]
 
 
@@ -216,8 +291,8 @@ def test_a_store_newer_than_the_code_is_refused(tmp_path, capture_database):
         postgres.query_url(capture_database, "INSERT INTO schema_migrations VALUES "
                            f"({SCHEMA_VERSION + 1}, 'from the future', 'x')")
     capturer = opened(Capturer(tmp_path, CapturePolicy(), database=capture_database))
-    assert capturer.maybe_capture(b"x", "r", reply(0.5)) is False  # counted, not raised
-    assert capturer.counts["errors"] == 1
+    assert capturer.maybe_capture(b"x", "r", reply(0.5))  # waits in the spool for an upgrade
+    assert capturer.counts["spooled"] == 1
     with pytest.raises(CaptureStoreError, match="newer than this visionloop"):
         opened(CaptureStore(tmp_path, url=capture_database)).captures()
 
@@ -232,3 +307,20 @@ def test_database_urls(tmp_path, monkeypatch):
         database_url(tmp_path, "mysql://u:hunter2@h/db")
     assert "hunter2" not in str(err.value)
     assert redacted("postgresql://u:pw@h:5/db") == "postgresql://u:***@h:5/db"
+
+
+def test_a_worker_that_started_during_an_outage_writes_once_postgresql_is_back(tmp_path):
+    """Its first connection fails (the pool gives up and closes): it spools, and once the
+    server is back it opens the index again and replays."""
+    server = postgres.start()
+    try:
+        postgres.halt(server)
+        capturer = opened(Capturer(tmp_path, CapturePolicy(), database=server.url))
+        assert capturer.maybe_capture(b"a", "during", reply(0.5))
+        assert capturer.counts["spooled"] == 1
+        postgres.resume(server)
+        assert capturer.maybe_capture(b"b", "after", reply(0.5))
+        assert capturer.counts["replayed"] == 1 and capturer.counts["spooled"] == 1
+        assert [r.request_id for r in rows(tmp_path, server.url)] == ["during", "after"]
+    finally:
+        postgres.stop(server)
