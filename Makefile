@@ -20,7 +20,7 @@ HAPROXY := /usr/sbin/haproxy
 DATA := data/fashion-mnist-lt
 MINORITY := coat,sandal,bag
 
-.PHONY: setup java postgres demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling bench-loop clean-venv
+.PHONY: setup java postgres containers image images test-containers demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling bench-loop clean-venv
 
 setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST) \
 	$(DOCKER_COMPOSE) java postgres $(CHROMEDRIVER) $(HAPROXY)
@@ -83,10 +83,32 @@ demo: setup $(DATA)/scenario.json
 	$(VENV)/bin/visionloop demo --scenario $(DATA) --out runs/demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not container"
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not container"
+
+# Debian's podman (rootful, runc: deploy/podman.sh) and mmdebstrap, which builds the local
+# base image (no registry serves one here); the dnsname plugin resolves compose services.
+containers:
+	@command -v podman >/dev/null && command -v mmdebstrap >/dev/null && \
+		command -v runc >/dev/null && command -v catatonit >/dev/null || { \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends \
+		podman runc catatonit mmdebstrap golang-github-containernetworking-plugin-dnsname; }
+
+# The visionloop image (Dockerfile) from the local base and the project's wheel.
+image: setup containers
+	deploy/build-image.sh visionloop:latest $(ORT)
+
+# Every image docker-compose.yml names: visionloop's, PostgreSQL's and Label Studio's.
+images: image
+	deploy/podman.sh build --pull=never -t visionloop-postgres:latest deploy/postgres
+	deploy/podman.sh build --pull=never -t visionloop-labelstudio:latest deploy/labelstudio
+
+# Builds the images and runs them for real (~15 min): not part of `make test`; .ci/run
+# runs both.
+test-containers: setup containers
+	$(PY) -m pytest -q -s -m container
 
 # The long versions of the fault tests `make test` runs short: a 5-minute load soak with a
 # worker killed, 3000 random (not fixed-seed) fuzz inputs per path. Prints the counts.

@@ -85,6 +85,9 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     push.add_argument("--capture-database", metavar="URL",
                       help="the capture index the replicas write (postgresql://...; default: "
                            "$VISIONLOOP_CAPTURE_DATABASE, else SQLite in --capture-dir)")
+    push.add_argument("--every", metavar="DURATION",
+                      help="keep running: push once per DURATION (e.g. 10m), each time up to "
+                           "--budget new tasks")
     pull = sub.add_parser("pull", help="bring finished annotations back as training data")
     backend = sub.add_parser("backend", help="serve the ML backend and the webhook receiver")
     backend.add_argument("--host", default="127.0.0.1")
@@ -115,6 +118,16 @@ def _project(args: argparse.Namespace, client):
 
 
 def _push(args: argparse.Namespace) -> int:
+    if args.every:
+        from core.schedule import parse_duration, run_every
+
+        run_every(parse_duration(args.every), lambda: _push_once(args),
+                  "push (the captures wait in the store)")
+        return 0
+    return _push_once(args)
+
+
+def _push_once(args: argparse.Namespace) -> int:
     from labeling.client import connect
     from labeling.push import PushOptions, push
 
@@ -130,7 +143,8 @@ def _push(args: argparse.Namespace) -> int:
     summary = asdict(result)
     ids = summary.pop("task_ids")
     summary["task_ids"] = f"{min(ids)}-{max(ids)}" if ids else "none"
-    print(json.dumps({"project": project.id, "minority": minority, **summary}, indent=2))
+    print(json.dumps({"project": project.id, "minority": minority, **summary}, indent=2),
+          flush=True)
     return 0
 
 

@@ -14,6 +14,7 @@ import yaml
 
 from core.manifest import ModelManifest
 from serving.handler import SERVING_CONFIG, ServingConfig
+from serving.settings import ServingSettings
 
 BACKENDS = {"torchscript": "torchscript", "onnx": "onnx", "onnx-fp16": "onnx_fp16"}
 HANDLER = Path(__file__).with_name("handler.py")
@@ -24,9 +25,16 @@ def mar_name(name: str, version: str, backend: str) -> str:
 
 
 def package(version_dir: Path, export_dir: Path, backend: str = "torchscript",
-            batch_size: int = 8, max_batch_delay_ms: int = 10, workers: int = 1,
-            serving: ServingConfig | None = None) -> Path:
-    """Write export_dir/<name>-<version>-<backend>.mar (zip-store: no compression, fast)."""
+            batch_size: int | None = None, max_batch_delay_ms: int | None = None,
+            workers: int | None = None, serving: ServingConfig | None = None) -> Path:
+    """Write export_dir/<name>-<version>-<backend>.mar (zip-store: no compression, fast).
+    Batching and workers not given come from serving.settings (the environment, else the
+    machine's defaults)."""
+    settings = ServingSettings.from_env()
+    batch_size = settings.batch_size if batch_size is None else batch_size
+    max_batch_delay_ms = settings.max_batch_delay_ms if max_batch_delay_ms is None \
+        else max_batch_delay_ms
+    workers = settings.workers if workers is None else workers
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if batch_size < 1 or max_batch_delay_ms < 0 or workers < 1:

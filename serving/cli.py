@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 from core.lock import LockBusy
-from core.model_store import ModelStore
+from core.model_store import ModelStore, StoreError
 from core.registry import Registry
 from serving import server
 from serving.capture import CAPTURE_BELOW, capture_policy
 from serving.promote import RolloutIncomplete, promote, replica_configs, roll_out
 from serving.server import ServerConfig
+from serving.settings import ServingSettings
 
 
 def add_package_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +24,10 @@ def add_package_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="torchscript",
                         help="torchscript | onnx | onnx-fp16 (the archived artifact)")
     parser.add_argument("--export-path", type=Path, default=ServerConfig.model_store)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-batch-delay-ms", type=int, default=10)
+    parser.add_argument("--batch-size", type=int,
+                        help="default: $VISIONLOOP_TS_BATCH_SIZE, else 8 on CPU, 32 on a GPU")
+    parser.add_argument("--max-batch-delay-ms", type=int,
+                        help="default: $VISIONLOOP_TS_MAX_BATCH_DELAY_MS, else 10")
     parser.add_argument("--capture-below", type=float, default=CAPTURE_BELOW,
                         help="capture predictions whose calibrated confidence is below this")
     parser.add_argument("--capture-classes", default="minority",
@@ -106,6 +109,26 @@ def run_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def champion_archive(store_dir: Path, name: str, export_dir: Path, backend: str) -> str:
+    """The .mar file name of NAME's champion in export_dir, packaged there if it is missing
+    (with the capture policy a promotion would give it)."""
+    from serving.archive import mar_name, package
+    from serving.handler import ServingConfig
+
+    store = ModelStore(store_dir)
+    try:
+        version = Registry(store, name).champion()
+    except StoreError as exc:
+        raise ValueError(f"no version of {name!r} in {store_dir} to serve ({exc}): train one "
+                         f"first (visionloop train --name {name} --out {store_dir})") from exc
+    archive = mar_name(name, version, backend)
+    if not (export_dir / archive).exists():
+        manifest = store.load_manifest(name, version)
+        package(store.version_dir(name, version), export_dir, backend,
+                serving=ServingConfig(capture=capture_policy(manifest)))
+    return archive
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("start", "stop", "status", "foreground", "ready"),
                         help="start (background, waits for READY), stop, status; foreground: "
@@ -115,7 +138,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=ServerConfig.host,
                         help="bind address (loopback; 0.0.0.0 only inside a container network)")
     parser.add_argument("--token-auth", action="store_true",
-                        help="require TorchServe's keys (HOME/key_file.json) on every API")
+                        default=ServingSettings.from_env().token_auth,
+                        help="require TorchServe's keys (HOME/key_file.json) on every API "
+                             "(default: $VISIONLOOP_TS_TOKEN_AUTH=1)")
     parser.add_argument("--model-store", type=Path, default=ServerConfig.model_store)
     parser.add_argument("--capture-dir", type=Path, default=ServerConfig.capture_dir)
     parser.add_argument("--capture-database", metavar="URL",
@@ -125,6 +150,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "the process list")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=FILE.mar",
                         help="model to load at start (repeatable), e.g. fm=fm-v1-onnx.mar")
+    parser.add_argument("--champion", metavar="NAME",
+                        help="also load NAME's champion from --store, packaged into "
+                             "--model-store first where it is not there: a restarted server "
+                             "serves what the last promotion chose")
+    parser.add_argument("--store", type=Path, default=Path("model_store"),
+                        help="the model store --champion reads")
+    parser.add_argument("--backend", default="torchscript",
+                        help="--champion's archived artifact: torchscript | onnx | onnx-fp16")
     parser.add_argument("--inference-port", type=int, default=ServerConfig.inference_port)
     parser.add_argument("--management-port", type=int, default=ServerConfig.management_port)
     parser.add_argument("--metrics-port", type=int, default=ServerConfig.metrics_port)
@@ -149,6 +182,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"--model takes NAME=FILE.mar, got {bad}")
     models = dict(m.split("=", 1) for m in args.model)
+    if args.champion and args.action in ("start", "foreground"):
+        models[args.champion] = champion_archive(args.store, args.champion, cfg.model_store,
+                                                 args.backend)
     if args.action == "foreground":
         server.run_foreground(cfg, models)  # does not return
     if args.action == "start":

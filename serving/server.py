@@ -22,6 +22,7 @@ from pathlib import Path
 from core.capture_store import DATABASE_ENV
 from serving.archive_check import check_archive
 from serving.inflight import INFLIGHT_ENV, inflight_dir
+from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class ServerConfig:
 
 
 def write_config(cfg: ServerConfig) -> Path:
+    settings = ServingSettings.from_env()
     props = {
         "inference_address": cfg.url("inference"),
         "management_address": cfg.url("management"),
@@ -78,7 +80,9 @@ def write_config(cfg: ServerConfig) -> Path:
         "metrics_mode": "prometheus",
         "model_metrics_auto_detect": "true",  # expose the handler's own metrics (serving.metrics)
         "max_request_size": str(cfg.max_request_size),
-        "default_workers_per_model": "1",  # 2 workers were slower than 1 on 2 cores
+        # an archive sets its own workers (serving.archive); this is for any other
+        "default_workers_per_model": str(settings.workers),
+        "job_queue_size": str(settings.job_queue_size),
         **cfg.extra_properties,
     }
     path = cfg.home / "config.properties"

@@ -75,3 +75,17 @@ def capture_database(request) -> str | None:
 
     server = request.getfixturevalue("postgres_server")
     return postgres.create_database(server, f"captures_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def visionloop_image() -> str:
+    """The visionloop image, built once per session by deploy/build-image.sh (podman)."""
+    import time
+
+    from tests.containers import VISIONLOOP_IMAGE, build_visionloop_image, podman
+
+    started = time.monotonic()
+    summary = build_visionloop_image()
+    size = int(podman("image", "inspect", VISIONLOOP_IMAGE, "--format", "{{.Size}}").stdout)
+    print(f"\n{summary} ({time.monotonic() - started:.0f} s in the test, {size / 1e9:.2f} GB)")
+    return VISIONLOOP_IMAGE

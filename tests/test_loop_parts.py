@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from core.lock import FileLock, LockBusy
-from visionloop.retrain import RetrainConfig, gate, label_files, parse_duration
+from core.schedule import parse_duration
+from visionloop.retrain import RetrainConfig, gate, label_files
 
 
 def test_a_second_retrain_is_refused_while_the_first_holds_the_lock(tmp_path):

@@ -86,3 +86,30 @@ def test_uncertainty_scores_at_the_extremes():
     assert certain == {"max_prob": 1.0, "margin": 1.0, "entropy": pytest.approx(0.0, abs=1e-6)}
     flat = asdict(uncertainty(torch.full((4,), 0.25)))
     assert flat["entropy"] == pytest.approx(1.0) and flat["margin"] == 0.0
+
+
+def test_serving_settings_come_from_the_environment_over_the_machines_defaults():
+    from serving.settings import ServingSettings
+
+    assert ServingSettings.for_machine(cpus=2, gpus=0).workers == 1
+    assert ServingSettings.for_machine(cpus=16, gpus=0).workers == 4
+    assert ServingSettings.for_machine(cpus=16, gpus=2).workers == 2
+    tuned = ServingSettings.from_env({"VISIONLOOP_TS_WORKERS": "3", "VISIONLOOP_TS_BATCH_SIZE": "4",
+                                      "VISIONLOOP_TS_MAX_BATCH_DELAY_MS": "0",
+                                      "VISIONLOOP_TS_JOB_QUEUE_SIZE": "500",
+                                      "VISIONLOOP_TS_TOKEN_AUTH": "1"})
+    assert (tuned.workers, tuned.batch_size, tuned.max_batch_delay_ms, tuned.job_queue_size,
+            tuned.token_auth) == (3, 4, 0, 500, True)
+    with pytest.raises(ValueError, match="VISIONLOOP_TS_BATCH_SIZE must be >= 1"):
+        ServingSettings.from_env({"VISIONLOOP_TS_BATCH_SIZE": "0"})
+    with pytest.raises(ValueError, match="must be an integer"):
+        ServingSettings.from_env({"VISIONLOOP_TS_WORKERS": "two"})
+
+
+def test_the_server_config_and_archives_take_the_settings(tmp_path, monkeypatch):
+    from serving.server import ServerConfig, write_config
+
+    monkeypatch.setenv("VISIONLOOP_TS_JOB_QUEUE_SIZE", "321")
+    monkeypatch.setenv("VISIONLOOP_TS_WORKERS", "2")
+    props = write_config(ServerConfig(home=tmp_path)).read_text()
+    assert "job_queue_size=321\n" in props and "default_workers_per_model=2\n" in props

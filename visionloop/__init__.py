@@ -6,5 +6,3 @@ stages; trainer, serving and labeling import only core and never each other, exc
 one declared edge labeling.predictor -> serving.offline (the ML backend runs the served
 path in-process); core imports none of them.
 """
-
-__version__ = "0.1.0"

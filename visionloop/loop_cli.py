@@ -52,9 +52,10 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_retrain(args: argparse.Namespace) -> int:
+    from core.schedule import parse_duration, run_every
     from labeling.client import LabelStudioUnavailable
     from serving.promote import RolloutIncomplete, replica_configs
-    from visionloop.retrain import parse_duration, retrain_once, run_every
+    from visionloop.retrain import retrain_once
 
     cfg = RetrainConfig(**{f.name: getattr(args, f.name) for f in fields(RetrainConfig)})
     labelstudio = server_config(args)
@@ -74,7 +75,7 @@ def run_retrain(args: argparse.Namespace) -> int:
         return 0
 
     if args.every:
-        run_every(parse_duration(args.every), once)
+        run_every(parse_duration(args.every), once, "retrain run (the champion keeps serving)")
         return 0
     try:
         return once()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -276,28 +275,3 @@ def pull_labels(cfg: RetrainConfig, labelstudio: LabelStudioConfig) -> None:
     result = pull(cfg.labels_dir, cfg.capture_dir, client, project)
     log.info("pulled: %d labelled tasks (+%d, ~%d, -%d)", result.labelled_tasks, result.added,
              result.changed, result.removed)
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '15m', '2h', '1d' -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        value, unit = float(text[:-1]), units[text[-1]]
-    except (KeyError, ValueError, IndexError):
-        raise ValueError(f"duration {text!r}: use a number and s, m, h or d (e.g. 30m)") from None
-    if value <= 0:
-        raise ValueError(f"duration must be positive, got {text!r}")
-    return value * unit
-
-
-def run_every(interval_s: float, run, max_runs: int | None = None) -> None:
-    """Run, sleep the rest of the interval, repeat; a failed run is logged, the next one tries."""
-    runs = 0
-    while max_runs is None or runs < max_runs:
-        started = time.monotonic()
-        try:
-            run()
-        except Exception:  # noqa: BLE001 - a scheduler outlives one bad run
-            log.exception("retrain run failed; the champion keeps serving")
-        runs += 1
-        time.sleep(max(0.0, interval_s - (time.monotonic() - started)))

@@ -1,0 +1,217 @@
+"""docker-compose.yml brought up for real with podman-compose, and the loop run through it.
+
+What a deployer does, with the images this repository builds: train the first version in
+a one-off container, `up`, send real images to the published inference API, push the
+uncertain ones into Label Studio, answer the tasks through Label Studio's API, run one
+retrain, see the promoted version serve; then `down` and `up` again and find the models,
+the captures, the labels and Label Studio's data where they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from core.ports import free_loopback_ports
+from core.scenario import read_pool
+from labeling.project import FROM_NAME, TO_NAME
+from tests.conftest import MINORITY
+from tests.containers import PODMAN, ROOT, build_service_images, podman
+
+pytestmark = pytest.mark.container
+
+PROJECT = "vltest"
+MODEL = "fm"
+# the flags every visionloop service passes to reach Label Studio inside the network
+LABELSTUDIO = ["--labelstudio-host", "labelstudio", "--labelstudio-port", "8080",
+               "--labelstudio-dir", "/srv/labels/labelstudio"]
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON object a visionloop command prints last (anything before it is ignored)."""
+    return json.loads(stdout[stdout.rindex("\n{") + 1:] if "\n{" in stdout else stdout)
+
+
+class Stack:
+    def __init__(self, env_file: Path, env: dict[str, str]) -> None:
+        self.env_file, self.env = env_file, env
+        self.inference = f"http://127.0.0.1:{env['INFERENCE_PORT']}"
+        self.labelstudio = f"http://127.0.0.1:{env['LABEL_STUDIO_PORT']}"
+
+    def compose(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        command = [str(Path(sys.executable).with_name("podman-compose")), "--podman-path",
+                   PODMAN, "-p", PROJECT, "--env-file", str(self.env_file),
+                   "-f", str(ROOT / "docker-compose.yml"), *args]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, (f"{' '.join(args)}: {result.stdout[-3000:]}\n"
+                                        f"{result.stderr[-3000:]}")
+        return result
+
+    def visionloop(self, service: str, *args: str, timeout: float = 900) -> str:
+        """`visionloop ARGS` inside the running service's container."""
+        return self.compose("exec", "-T", service, "visionloop", *args, timeout=timeout).stdout
+
+    def predict(self, body: bytes) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{self.inference}/predictions/{MODEL}", data=body,
+                                         method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, {}
+        except OSError:
+            return 0, {}
+
+    def wait_serving(self, body: bytes, version: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, reply = self.predict(body)
+            if status == 200 and reply.get("version") == version:
+                return
+            time.sleep(2)
+        raise AssertionError(f"{MODEL} {version} not served in {timeout:.0f} s "
+                             f"(last: {status} {reply}); {self.logs('torchserve')}")
+
+    def wait_labelstudio(self, timeout: float = 400) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.labelstudio}/health", timeout=5) as r:
+                    if json.loads(r.read()).get("status") == "UP":
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(3)
+        raise AssertionError(f"Label Studio not healthy in {timeout:.0f} s; "
+                             f"{self.logs('labelstudio')}")
+
+    def logs(self, service: str) -> str:
+        result = subprocess.run([PODMAN, "logs", "--tail", "40", f"{PROJECT}_{service}_1"],
+                                capture_output=True, text=True, timeout=60)
+        return result.stdout[-3000:] + result.stderr[-3000:]
+
+    def client(self):
+        from label_studio_sdk import LabelStudio
+
+        return LabelStudio(base_url=self.labelstudio, api_key=self.env["LABEL_STUDIO_TOKEN"])
+
+    def volume(self, name: str) -> Path:
+        result = podman("volume", "inspect", f"{PROJECT}_{name}", "--format", "{{.Mountpoint}}")
+        assert result.returncode == 0, result.stderr
+        return Path(result.stdout.strip())
+
+    def captures_in_index(self) -> int:
+        out = self.compose("exec", "-T", "postgres", "psql", "-h", "127.0.0.1", "-U",
+                           "visionloop", "-d", "captures", "-tAc",
+                           "SELECT count(*) FROM captures").stdout
+        return int(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def stack(visionloop_image, small_scenario, tmp_path_factory):
+    build_service_images()
+    inference_port, labelstudio_port = free_loopback_ports(2)
+    env = {"LABEL_STUDIO_TOKEN": secrets.token_hex(20),
+           "LABEL_STUDIO_PASSWORD": secrets.token_urlsafe(18),
+           "LABEL_STUDIO_SECRET_KEY": "k" + secrets.token_urlsafe(40),
+           "VISIONLOOP_BACKEND_SECRET": secrets.token_urlsafe(24),
+           "POSTGRES_PASSWORD": secrets.token_urlsafe(18),
+           "MODEL_NAME": MODEL, "DATA_DIR": str(small_scenario),
+           "INFERENCE_PORT": str(inference_port), "LABEL_STUDIO_PORT": str(labelstudio_port),
+           "VISIONLOOP_IMAGE": visionloop_image,
+           "PUSH_EVERY": "24h", "RETRAIN_EVERY": "24h"}  # the test runs each job itself
+    env_file = tmp_path_factory.mktemp("compose") / ".env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    stack = Stack(env_file, env)
+    try:
+        yield stack
+    finally:
+        subprocess.run([str(Path(sys.executable).with_name("podman-compose")),
+                        "--podman-path", PODMAN, "-p", PROJECT, "--env-file", str(env_file),
+                        "-f", str(ROOT / "docker-compose.yml"), "down", "-v"],
+                       capture_output=True, timeout=600)
+
+
+def test_the_compose_stack_runs_the_loop_and_keeps_everything_across_down_and_up(
+        stack, small_scenario, capsys):
+    report, started = [], time.monotonic()
+    # the first version, trained in a one-off container on the data volume
+    stack.compose("run", "--rm", "--no-deps", "retrain", "train", "--data", "/srv/data",
+                  "--out", "/srv/model_store", "--name", MODEL, "--learner", "head",
+                  "--image-size", "32", "--minority", ",".join(MINORITY), "--num-workers", "0",
+                  "--no-show-progress", "--work-dir", "/srv/runs/train", timeout=1200)
+    stack.compose("up", "-d")
+    pool = read_pool(small_scenario)
+    bodies = [path.read_bytes() for path, _ in pool]
+    truth = {hashlib.sha256(b).hexdigest(): label for b, (_, label) in zip(bodies, pool,
+                                                                          strict=True)}
+    stack.wait_serving(bodies[0], "v1")
+    stack.wait_labelstudio()
+    report.append(f"up and serving v1 in {time.monotonic() - started:.0f} s")
+
+    replies = [stack.predict(body) for body in bodies]
+    assert all(status == 200 for status, _ in replies), [s for s, _ in replies]
+    captured = sum(bool(reply.get("captured")) for _, reply in replies)
+    assert captured > 0
+    assert stack.captures_in_index() >= captured
+    report.append(f"{len(bodies)} images sent, {captured} captured into PostgreSQL")
+
+    pushed = last_json(stack.visionloop("push", "label", "push", "--budget", "30", "--name",
+                                         MODEL, "--store", "/srv/model_store",
+                                         "--capture-dir", "/srv/captures", *LABELSTUDIO))
+    assert pushed["pushed"] > 0
+    client = stack.client()
+    [project] = [p for p in client.projects.list() if p.id == pushed["project"]]
+    tasks = list(client.tasks.list(project=project.id, fields="all"))
+    assert len(tasks) == pushed["pushed"]
+    for task in tasks:
+        label = truth[task.data["capture_sha"]]
+        client.annotations.create(id=task.id, result=[{
+            "from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
+            "value": {"choices": [label]}}])
+    report.append(f"{len(tasks)} tasks in Label Studio, answered through its API")
+
+    decision = last_json(stack.visionloop(
+        "retrain", "retrain", "--name", MODEL, "--store", "/srv/model_store", "--data",
+        "/srv/data", "--labels-dir", "/srv/labels", "--capture-dir", "/srv/captures",
+        *LABELSTUDIO, "--torchserve-host", "torchserve", "--torchserve-home",
+        "/srv/torchserve/home", "--torchserve-model-store", "/srv/torchserve/model-store",
+        "--min-new-labels", "1", "--max-macro-f1-drop", "1", "--max-minority-recall-drop", "1",
+        timeout=1200))
+    assert decision["promoted"] and decision["challenger"] == "v2", decision
+    assert "TorchServe now serves v2" in decision["reason"], decision
+    stack.wait_serving(bodies[0], "v2", timeout=60)
+    report.append(f"retrain pulled {decision['new_labels']} labels, promoted v2: "
+                  f"{decision['reason']}")
+
+    rows_before = stack.captures_in_index()
+    annotated_before = sum(t.total_annotations for t in client.tasks.list(project=project.id))
+    stack.compose("down")
+    stack.compose("up", "-d")
+    stack.wait_serving(bodies[0], "v2")
+    stack.wait_labelstudio()
+    client = stack.client()
+    tasks_after = list(client.tasks.list(project=project.id))
+    assert len(tasks_after) == len(tasks)
+    assert sum(t.total_annotations for t in tasks_after) == annotated_before == len(tasks)
+    assert stack.captures_in_index() == rows_before
+    store = stack.volume("model_store") / MODEL
+    assert (store / "CHAMPION").read_text().strip() == "v2"
+    assert (store / "v1" / "manifest.json").exists() and (store / "v2" / "manifest.json").exists()
+    labelled = [p for p in (stack.volume("labels") / "images").rglob("*") if p.is_file()]
+    assert len(labelled) == len(tasks)
+    report.append(f"down and up: serves v2; {len(tasks_after)} tasks with "
+                  f"{annotated_before} annotations, {rows_before} capture rows, v1 and v2, "
+                  f"{len(labelled)} pulled label images: all kept")
+    with capsys.disabled():
+        print("\ncompose stack (podman-compose): " + "; ".join(report)
+              + f"; {time.monotonic() - started:.0f} s in all")
