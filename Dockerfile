@@ -11,8 +11,11 @@ ARG ORT=cpu
 # indexes (mounted read-only into the build), so the build installs the same torch files
 # as the host, with no download of several GB.
 ARG TORCH_PIP_ARGS=
+# procps: TorchServe unregisters a version by running `kill -9 PID`; without the binary
+# (slim and minbase images lack it) the DELETE fails with 500 "Interrupted while cleaning
+# resources" and the old version stays registered.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends openjdk-17-jre-headless catatonit \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless catatonit procps \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/visionloop
 ENV PATH=/opt/visionloop/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -2,13 +2,16 @@
 
 TorchServe's describe API counts queued requests only: a batch a worker has taken is no
 longer pending, and unregistering its version kills that worker without answering the
-batch. So each worker marks the batch it runs, `<model store>/.inflight/<model>/<version>/
-<host>-<pid>`, from the moment handle() starts until it returns, and a promotion drains a
-version until it has neither pending requests nor a marked batch (serving.promote.drain).
+batch. So each worker marks the batch it runs, `<model store>/.inflight/<replica>/<model>/
+<version>/<host>-<pid>`, from the moment handle() starts until it returns, and a promotion
+drains a version on one replica until it has neither pending requests nor a marked batch
+there (serving.promote.drain); the other replicas' batches are not its business.
 
 The markers live in the model store because a promotion already shares it with every
-replica it promotes into (it writes the archive there). A worker killed mid-batch leaves
-its marker; one older than STALE_S is not waited for.
+replica it promotes into (it writes the archive there). A replica's name is how its
+promoter reaches its management API, HOST:PORT; where the server binds another address
+than that (0.0.0.0 in a container), $VISIONLOOP_REPLICA names it (docker-compose.yml). A
+worker killed mid-batch leaves its marker; one older than STALE_S is not waited for.
 """
 
 from __future__ import annotations
@@ -20,12 +23,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 INFLIGHT_ENV = "VISIONLOOP_INFLIGHT_DIR"  # set by serving.server for the workers
+REPLICA_ENV = "VISIONLOOP_REPLICA"  # this TorchServe's name as its promoter knows it
 INFLIGHT_DIR = ".inflight"
 STALE_S = 30.0  # far above one batch's inference; TorchServe's response timeout is 120 s
 
 
-def inflight_dir(model_store: Path) -> Path:
-    return Path(model_store) / INFLIGHT_DIR
+def replica_name(host: str, management_port: int) -> str:
+    return f"{host}:{management_port}"
+
+
+def inflight_dir(model_store: Path, replica: str) -> Path:
+    """Where the workers of one TorchServe replica mark their batches."""
+    if not replica or "/" in replica or replica in (".", ".."):
+        raise ValueError(f"a replica's name is HOST:PORT, got {replica!r}")
+    return Path(model_store) / INFLIGHT_DIR / replica
 
 
 @contextlib.contextmanager
@@ -49,10 +60,10 @@ def marked(root: str | Path | None, model: str, version: str) -> Iterator[None]:
                 path.unlink()
 
 
-def running_batches(model_store: Path, model: str, version: str,
+def running_batches(model_store: Path, replica: str, model: str, version: str,
                     stale_s: float = STALE_S) -> int:
-    """Batches of this version being run now, by any worker writing to this model store."""
-    folder = inflight_dir(model_store) / model / version
+    """Batches of this version the replica's workers are running now."""
+    folder = inflight_dir(model_store, replica) / model / version
     now, running = time.time(), 0
     with contextlib.suppress(FileNotFoundError):
         for marker in folder.iterdir():

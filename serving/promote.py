@@ -17,7 +17,7 @@ from pathlib import Path
 
 from core.failpoints import failpoint
 from serving.archive_check import check_archive
-from serving.inflight import running_batches
+from serving.inflight import replica_name, running_batches
 from serving.server import (
     ServerConfig,
     ServerError,
@@ -69,7 +69,8 @@ def drain(cfg: ServerConfig, model: str, version: str, timeout: float = 60.0,
     deadline, quiet_since, waited_on_batches = time.monotonic() + timeout, None, 0
     while time.monotonic() < deadline:
         now = time.monotonic()
-        running = running_batches(cfg.model_store, model, version)
+        running = running_batches(cfg.model_store, replica_name(cfg.host, cfg.management_port),
+                                  model, version)
         waited_on_batches += running > 0
         if running == 0 and pending_requests(cfg, model, version) == 0:
             quiet_since = now if quiet_since is None else quiet_since

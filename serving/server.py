@@ -21,7 +21,7 @@ from pathlib import Path
 
 from core.capture_store import DATABASE_ENV
 from serving.archive_check import check_archive
-from serving.inflight import INFLIGHT_ENV, inflight_dir
+from serving.inflight import INFLIGHT_ENV, REPLICA_ENV, inflight_dir, replica_name
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,8 @@ def _env(cfg: ServerConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.update(TMPDIR=str(cfg.tmp.resolve()), TEMP=str(cfg.tmp.resolve()),
                VISIONLOOP_CAPTURE_DIR=str(cfg.capture_dir.resolve()))
-    env[INFLIGHT_ENV] = str(inflight_dir(cfg.model_store).resolve())
+    replica = os.environ.get(REPLICA_ENV) or replica_name(cfg.host, cfg.management_port)
+    env[INFLIGHT_ENV] = str(inflight_dir(cfg.model_store, replica).resolve())
     if cfg.capture_database:
         env[DATABASE_ENV] = cfg.capture_database  # the workers' env: not in the process list
     return env

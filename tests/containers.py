@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,3 +39,16 @@ def build_service_images() -> dict[str, float]:
         assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
         seconds[image] = time.monotonic() - started
     return seconds
+
+
+def shared_folder(copy_of: Path | None = None) -> Path:
+    """A folder the containers' uid 1000 can read and write (pytest's own temporary
+    folders are private to root), holding a copy of `copy_of` where given. The caller
+    removes it (shutil.rmtree)."""
+    root = Path(tempfile.mkdtemp(prefix="visionloop-containers-"))
+    root.chmod(0o777)
+    if copy_of is not None:
+        shutil.copytree(copy_of, root, dirs_exist_ok=True)
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o777 if path.is_dir() else 0o644)
+    return root

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from core.ports import free_loopback_ports
 from core.scenario import read_pool
 from labeling.project import FROM_NAME, TO_NAME
 from tests.conftest import MINORITY
-from tests.containers import PODMAN, ROOT, build_service_images, podman
+from tests.containers import PODMAN, ROOT, build_service_images, podman, shared_folder
 
 pytestmark = pytest.mark.container
 
@@ -62,7 +63,8 @@ class Stack:
 
     def predict(self, body: bytes) -> tuple[int, dict]:
         request = urllib.request.Request(f"{self.inference}/predictions/{MODEL}", data=body,
-                                         method="POST")
+                                         method="POST",
+                                         headers={"Content-Type": "application/octet-stream"})
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, json.loads(response.read())
@@ -110,7 +112,8 @@ class Stack:
         return Path(result.stdout.strip())
 
     def captures_in_index(self) -> int:
-        out = self.compose("exec", "-T", "postgres", "psql", "-h", "127.0.0.1", "-U",
+        out = self.compose("exec", "-T", "-e", f"PGPASSWORD={self.env['POSTGRES_PASSWORD']}",
+                           "postgres", "psql", "-h", "127.0.0.1", "-U",
                            "visionloop", "-d", "captures", "-tAc",
                            "SELECT count(*) FROM captures").stdout
         return int(out.strip().splitlines()[-1])
@@ -119,13 +122,14 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(visionloop_image, small_scenario, tmp_path_factory):
     build_service_images()
+    data = shared_folder(small_scenario)  # DATA_DIR: read by the containers' uid 1000
     inference_port, labelstudio_port = free_loopback_ports(2)
     env = {"LABEL_STUDIO_TOKEN": secrets.token_hex(20),
            "LABEL_STUDIO_PASSWORD": secrets.token_urlsafe(18),
            "LABEL_STUDIO_SECRET_KEY": "k" + secrets.token_urlsafe(40),
            "VISIONLOOP_BACKEND_SECRET": secrets.token_urlsafe(24),
            "POSTGRES_PASSWORD": secrets.token_urlsafe(18),
-           "MODEL_NAME": MODEL, "DATA_DIR": str(small_scenario),
+           "MODEL_NAME": MODEL, "DATA_DIR": str(data),
            "INFERENCE_PORT": str(inference_port), "LABEL_STUDIO_PORT": str(labelstudio_port),
            "VISIONLOOP_IMAGE": visionloop_image,
            "PUSH_EVERY": "24h", "RETRAIN_EVERY": "24h"}  # the test runs each job itself
@@ -139,6 +143,7 @@ def stack(visionloop_image, small_scenario, tmp_path_factory):
                         "--podman-path", PODMAN, "-p", PROJECT, "--env-file", str(env_file),
                         "-f", str(ROOT / "docker-compose.yml"), "down", "-v"],
                        capture_output=True, timeout=600)
+        shutil.rmtree(data)
 
 
 def test_the_compose_stack_runs_the_loop_and_keeps_everything_across_down_and_up(
