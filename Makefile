@@ -100,10 +100,11 @@ containers:
 image: setup containers
 	deploy/build-image.sh visionloop:latest $(ORT)
 
-# Every image docker-compose.yml names: visionloop's, PostgreSQL's and Label Studio's.
+# Every image docker-compose.yml names: visionloop's, PostgreSQL's, Label Studio's, HAProxy's.
 images: image
 	deploy/podman.sh build --pull=never -t visionloop-postgres:latest deploy/postgres
 	deploy/podman.sh build --pull=never -t visionloop-labelstudio:latest deploy/labelstudio
+	deploy/podman.sh build --pull=never -t visionloop-haproxy:latest deploy/haproxy
 
 # Builds the images and runs them for real (~15 min): not part of `make test`; .ci/run
 # runs both.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -63,5 +64,9 @@ def package(version_dir: Path, export_dir: Path, backend: str = "torchscript",
         if result.returncode != 0:
             raise RuntimeError(f"torch-model-archiver failed: {result.stderr.strip()[-2000:]}")
         target = export_dir / mar_name(manifest.name, manifest.version, backend)
-        shutil.move(extra / f"{manifest.name}.mar", target)
+        # in place by a rename on the target's filesystem: a replica packaging the same
+        # version at the same moment, or TorchServe reading it, never sees half a file
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        shutil.move(extra / f"{manifest.name}.mar", partial)
+        os.replace(partial, target)
     return target

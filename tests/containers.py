@@ -14,7 +14,8 @@ BASE = "visionloop-base:bookworm"
 VISIONLOOP_IMAGE = "visionloop:test"
 # the service images compose names (docker-compose.yml), built from deploy/<folder>
 SERVICE_IMAGES = {"visionloop-postgres:latest": "postgres",
-                  "visionloop-labelstudio:latest": "labelstudio"}
+                  "visionloop-labelstudio:latest": "labelstudio",
+                  "visionloop-haproxy:latest": "haproxy"}
 
 
 def podman(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -30,7 +31,7 @@ def build_visionloop_image(name: str = VISIONLOOP_IMAGE) -> str:
 
 
 def build_service_images() -> dict[str, float]:
-    """PostgreSQL's and Label Studio's images on the local base; seconds per image."""
+    """PostgreSQL's, Label Studio's and HAProxy's images on the local base; seconds each."""
     seconds = {}
     for image, folder in SERVICE_IMAGES.items():
         started = time.monotonic()

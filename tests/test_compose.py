@@ -44,7 +44,13 @@ def test_compose_file_resolves_with_secrets_and_refuses_without():
     config = yaml.safe_load(result.stdout)
     services = config["services"]
     assert set(services) == {"postgres", "labelstudio", "torchserve", "push", "retrain",
-                             "ml-backend"}
+                             "ml-backend", "torchserve-b", "balancer"}
+    # the second replica and its balancer only with --profile replicas
+    assert {name for name, s in services.items() if s.get("profiles")} == {"torchserve-b",
+                                                                            "balancer"}
+    assert all(services[n]["profiles"] == ["replicas"] for n in ("torchserve-b", "balancer"))
+    # each replica names itself as the retrain job reaches it (its in-flight markers)
+    assert services["torchserve-b"]["environment"]["VISIONLOOP_REPLICA"] == "torchserve-b:8081"
     assert (services["ml-backend"]["environment"]["VISIONLOOP_BACKEND_SECRET"]
             == SECRETS["VISIONLOOP_BACKEND_SECRET"])
     # every image is built here: nothing is pulled from a registry

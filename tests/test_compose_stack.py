@@ -123,7 +123,7 @@ class Stack:
 def stack(visionloop_image, small_scenario, tmp_path_factory):
     build_service_images()
     data = shared_folder(small_scenario)  # DATA_DIR: read by the containers' uid 1000
-    inference_port, labelstudio_port = free_loopback_ports(2)
+    inference_port, labelstudio_port, balancer_port = free_loopback_ports(3)
     env = {"LABEL_STUDIO_TOKEN": secrets.token_hex(20),
            "LABEL_STUDIO_PASSWORD": secrets.token_urlsafe(18),
            "LABEL_STUDIO_SECRET_KEY": "k" + secrets.token_urlsafe(40),
@@ -131,6 +131,7 @@ def stack(visionloop_image, small_scenario, tmp_path_factory):
            "POSTGRES_PASSWORD": secrets.token_urlsafe(18),
            "MODEL_NAME": MODEL, "DATA_DIR": str(data),
            "INFERENCE_PORT": str(inference_port), "LABEL_STUDIO_PORT": str(labelstudio_port),
+           "BALANCER_PORT": str(balancer_port),
            "VISIONLOOP_IMAGE": visionloop_image,
            "PUSH_EVERY": "24h", "RETRAIN_EVERY": "24h"}  # the test runs each job itself
     env_file = tmp_path_factory.mktemp("compose") / ".env"
@@ -208,7 +209,7 @@ def test_the_compose_stack_runs_the_loop_and_keeps_everything_across_down_and_up
     tasks_after = list(client.tasks.list(project=project.id))
     assert len(tasks_after) == len(tasks)
     assert sum(t.total_annotations for t in tasks_after) == annotated_before == len(tasks)
-    assert stack.captures_in_index() == rows_before
+    assert stack.captures_in_index() >= rows_before  # (the readiness probes may add some)
     store = stack.volume("model_store") / MODEL
     assert (store / "CHAMPION").read_text().strip() == "v2"
     assert (store / "v1" / "manifest.json").exists() and (store / "v2" / "manifest.json").exists()
@@ -220,3 +221,70 @@ def test_the_compose_stack_runs_the_loop_and_keeps_everything_across_down_and_up
     with capsys.disabled():
         print("\ncompose stack (podman-compose): " + "; ".join(report)
               + f"; {time.monotonic() - started:.0f} s in all")
+
+
+def test_the_replicas_profile_rolls_a_promotion_through_both_under_load(stack, small_scenario,
+                                                                       capsys):
+    """After the loop test (v2 serving): `--profile replicas up` adds a second TorchServe
+    and HAProxy; requests flow through the balancer while a retrain rolls v3 through both
+    replicas, and none of them fails."""
+    import threading
+
+    stack.compose("--profile", "replicas", "up", "-d")
+    balancer = f"http://127.0.0.1:{stack.env['BALANCER_PORT']}"
+    pool = read_pool(small_scenario)
+    bodies = [path.read_bytes() for path, _ in pool]
+    truth = {hashlib.sha256(b).hexdigest(): label for b, (_, label) in zip(bodies, pool,
+                                                                          strict=True)}
+    through = Stack(stack.env_file, {**stack.env, "INFERENCE_PORT": stack.env["BALANCER_PORT"]})
+    through.wait_serving(bodies[0], "v2")
+    assert balancer == through.inference
+    # fresh labels for the retrain: the captures test 1 did not push
+    pushed = last_json(stack.visionloop("push", "label", "push", "--budget", "10", "--name",
+                                        MODEL, "--store", "/srv/model_store",
+                                        "--capture-dir", "/srv/captures", *LABELSTUDIO))
+    assert pushed["pushed"] > 0
+    client = stack.client()
+    for task in client.tasks.list(project=pushed["project"], fields="all"):
+        if not task.total_annotations:
+            client.annotations.create(id=task.id, result=[{
+                "from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
+                "value": {"choices": [truth[task.data["capture_sha"]]]}}])
+
+    outcomes: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        i = 0
+        while not stop.is_set() and i < 3000:
+            status, reply = through.predict(bodies[i % len(bodies)])
+            outcomes.append((status, reply.get("version")))
+            i += 1
+
+    senders = [threading.Thread(target=send, daemon=True) for _ in range(3)]
+    for sender in senders:
+        sender.start()
+    started = time.monotonic()
+    decision = last_json(stack.visionloop(
+        "retrain", "retrain", "--name", MODEL, "--store", "/srv/model_store", "--data",
+        "/srv/data", "--labels-dir", "/srv/labels", "--capture-dir", "/srv/captures",
+        *LABELSTUDIO, "--torchserve-url", "http://torchserve:8081", "--torchserve-url",
+        "http://torchserve-b:8081", "--torchserve-model-store", "/srv/torchserve/model-store",
+        "--min-new-labels", "1", "--max-macro-f1-drop", "1", "--max-minority-recall-drop", "1",
+        timeout=1200))
+    took = time.monotonic() - started
+    time.sleep(2)
+    stop.set()
+    for sender in senders:
+        sender.join(60)
+    assert decision["promoted"] and decision["challenger"] == "v3", decision
+    assert "2 TorchServe replicas now serve v3" in decision["reason"], decision
+    failed = [o for o in outcomes if o[0] != 200]
+    with capsys.disabled():
+        print(f"\ncompose replicas profile: rolling promotion v2 -> v3 through 2 replicas "
+              f"behind HAProxy under load: {len(outcomes)} requests, {len(failed)} failed; "
+              f"retrain {took:.0f} s; {decision['reason']}")
+    assert outcomes and not failed, failed[:10]
+    assert {version for _, version in outcomes} <= {"v2", "v3"}
+    for _ in range(10):
+        assert through.predict(bodies[0])[1].get("version") == "v3"

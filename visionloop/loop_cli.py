@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
@@ -44,11 +45,15 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--management-port", type=int, default=ServerConfig.management_port)
     parser.add_argument("--torchserve-url", action="append", default=[], metavar="URL",
                         help="a TorchServe replica's management URL (repeatable: the promotion "
-                             "rolls through them in order); replaces --management-port")
+                             "rolls through them in order); replaces --management-port "
+                             "(default: the comma-separated $VISIONLOOP_TORCHSERVE_URLS)")
     parser.add_argument("--torchserve-model-store", type=Path,
                         help="the model store every replica registers from (a shared volume; "
                              "default: TORCHSERVE_HOME/model-store)")
     parser.add_argument("--every", help="keep running: once per DURATION (e.g. 30m, 6h)")
+
+
+TORCHSERVE_URLS_ENV = "VISIONLOOP_TORCHSERVE_URLS"  # compose's replicas profile sets it
 
 
 def run_retrain(args: argparse.Namespace) -> int:
@@ -64,8 +69,10 @@ def run_retrain(args: argparse.Namespace) -> int:
         home=args.torchserve_home, host=args.torchserve_host,
         token_auth=args.torchserve_token_auth, model_store=model_store,
         management_port=args.management_port)
-    if args.torchserve_url:
-        torchserve = replica_configs(args.torchserve_url, model_store,
+    urls = args.torchserve_url or [u for u in os.environ.get(TORCHSERVE_URLS_ENV, "").split(",")
+                                   if u.strip()]
+    if urls:
+        torchserve = replica_configs(urls, model_store,
                                      args.torchserve_home if args.torchserve_token_auth else None)
 
     def once() -> int:
