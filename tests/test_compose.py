@@ -58,6 +58,10 @@ def test_compose_file_resolves_with_secrets_and_refuses_without():
 
     # TorchServe serves the registry's champion, so a restart serves the last promotion
     assert "--champion" in services["torchserve"]["command"]
+    # every server has a healthcheck; TorchServe's asks for a READY worker, not /ping
+    assert {n for n, s in services.items() if "healthcheck" in s} == {
+        "postgres", "labelstudio", "torchserve", "torchserve-b", "ml-backend"}
+    assert services["torchserve"]["healthcheck"]["test"][1:4] == ["visionloop", "serve", "ready"]
 
     # only loopback publishing, and never the management API
     published = [port_mapping(p) for s in services.values() for p in s.get("ports", [])]
