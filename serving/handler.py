@@ -19,7 +19,7 @@ from core.manifest import ModelManifest
 from serving.backends import load_backend
 from serving.capture import CapturePolicy, Capturer
 from serving.inference import BadInput, Limits, predict_batch
-from serving.inflight import INFLIGHT_ENV, marked
+from serving.inflight import INFLIGHT_ENV, clear_dead_markers, marked
 from serving.metrics import emit as emit_metrics
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class VisionloopHandler:
         self.registered = (context.model_name or self.manifest.name,
                            context.manifest.get("model", {}).get("modelVersion")
                            or self.manifest.version)
+        clear_dead_markers(os.environ.get(INFLIGHT_ENV))  # e.g. of the worker this replaces
         self.initialized = True
 
     def handle(self, data: list[dict], context: Any) -> list[str]:

@@ -11,7 +11,9 @@ The markers live in the model store because a promotion already shares it with e
 replica it promotes into (it writes the archive there). A replica's name is how its
 promoter reaches its management API, HOST:PORT; where the server binds another address
 than that (0.0.0.0 in a container), $VISIONLOOP_REPLICA names it (docker-compose.yml). A
-worker killed mid-batch leaves its marker; one older than STALE_S is not waited for.
+worker killed mid-batch leaves its marker: the worker TorchServe starts in its place
+deletes the markers of dead processes of its host, a drain on the same host ignores them,
+and one older than STALE_S is not waited for by anyone.
 """
 
 from __future__ import annotations
@@ -39,6 +41,39 @@ def inflight_dir(model_store: Path, replica: str) -> Path:
     return Path(model_store) / INFLIGHT_DIR / replica
 
 
+def _marker_name() -> str:
+    return f"{os.uname().nodename}-{os.getpid()}"
+
+
+def _of_a_dead_process(marker: Path) -> bool:
+    """A marker of this host whose process is gone (another host's cannot be checked)."""
+    host, _, pid = marker.name.rpartition("-")
+    if host != os.uname().nodename or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def clear_dead_markers(root: str | Path | None) -> int:
+    """Delete the markers this host's dead workers left (a worker killed mid-batch);
+    returns how many. A new worker calls it when it starts."""
+    removed = 0
+    if not root:
+        return removed
+    with contextlib.suppress(FileNotFoundError):
+        for marker in Path(root).glob("*/*/*"):
+            if _of_a_dead_process(marker):
+                with contextlib.suppress(FileNotFoundError):
+                    marker.unlink()
+                    removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def marked(root: str | Path | None, model: str, version: str) -> Iterator[None]:
     """Mark this worker's batch as running while the block runs (no root: no marker). A
@@ -46,7 +81,7 @@ def marked(root: str | Path | None, model: str, version: str) -> Iterator[None]:
     quiet window alone."""
     path = None
     if root:
-        path = Path(root) / model / version / f"{os.uname().nodename}-{os.getpid()}"
+        path = Path(root) / model / version / _marker_name()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
@@ -68,5 +103,6 @@ def running_batches(model_store: Path, replica: str, model: str, version: str,
     with contextlib.suppress(FileNotFoundError):
         for marker in folder.iterdir():
             with contextlib.suppress(FileNotFoundError):
-                running += now - marker.stat().st_mtime < stale_s
+                running += (now - marker.stat().st_mtime < stale_s
+                            and not _of_a_dead_process(marker))
     return running

@@ -113,3 +113,26 @@ def test_the_server_config_and_archives_take_the_settings(tmp_path, monkeypatch)
     monkeypatch.setenv("VISIONLOOP_TS_WORKERS", "2")
     props = write_config(ServerConfig(home=tmp_path)).read_text()
     assert "job_queue_size=321\n" in props and "default_workers_per_model=2\n" in props
+
+
+def test_in_flight_markers_of_dead_workers_are_not_waited_for(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from serving.inflight import clear_dead_markers, inflight_dir, marked, running_batches
+
+    root = inflight_dir(tmp_path, "127.0.0.1:8081")
+    with marked(root, "fm", "v1"):
+        assert running_batches(tmp_path, "127.0.0.1:8081", "fm", "v1") == 1
+        assert running_batches(tmp_path, "127.0.0.1:9999", "fm", "v1") == 0  # another replica
+    assert running_batches(tmp_path, "127.0.0.1:8081", "fm", "v1") == 0
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    left = root / "fm" / "v1" / f"{os.uname().nodename}-{dead}"  # killed mid-batch
+    left.touch()
+    elsewhere = root / "fm" / "v1" / "another-host-12"  # cannot be checked from here
+    elsewhere.touch()
+    assert running_batches(tmp_path, "127.0.0.1:8081", "fm", "v1") == 1  # only the other host's
+    assert clear_dead_markers(root) == 1 and not left.exists() and elsewhere.exists()
+    assert running_batches(tmp_path, "127.0.0.1:8081", "fm", "v1", stale_s=0) == 0
