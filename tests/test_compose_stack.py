@@ -57,6 +57,15 @@ class Stack:
                                         f"{result.stderr[-3000:]}")
         return result
 
+    def remove_everything(self) -> None:
+        """Every container of the project, the replicas profile's too, and its volumes."""
+        command = [str(Path(sys.executable).with_name("podman-compose")), "--podman-path",
+                   PODMAN, "-p", PROJECT, "--env-file", str(self.env_file),
+                   "-f", str(ROOT / "docker-compose.yml"), "--profile", "replicas", "down", "-v"]
+        subprocess.run(command, capture_output=True, timeout=600)
+        leftovers = podman("ps", "-a", "--filter", f"name={PROJECT}_", "--format", "{{.Names}}")
+        assert not leftovers.stdout.strip(), f"containers left: {leftovers.stdout}"
+
     def visionloop(self, service: str, *args: str, timeout: float = 900) -> str:
         """`visionloop ARGS` inside the running service's container."""
         return self.compose("exec", "-T", service, "visionloop", *args, timeout=timeout).stdout
@@ -145,13 +154,11 @@ def stack(visionloop_image, small_scenario, tmp_path_factory):
     env_file = tmp_path_factory.mktemp("compose") / ".env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     stack = Stack(env_file, env)
+    stack.remove_everything()  # what an earlier run that was killed may have left
     try:
         yield stack
     finally:
-        subprocess.run([str(Path(sys.executable).with_name("podman-compose")),
-                        "--podman-path", PODMAN, "-p", PROJECT, "--env-file", str(env_file),
-                        "-f", str(ROOT / "docker-compose.yml"), "down", "-v"],
-                       capture_output=True, timeout=600)
+        stack.remove_everything()
         shutil.rmtree(data)
 
 
