@@ -14,7 +14,7 @@ from serving import server
 from serving.capture import CAPTURE_BELOW, capture_policy
 from serving.promote import RolloutIncomplete, promote, replica_configs, roll_out
 from serving.server import ServerConfig
-from serving.settings import ServingSettings
+from serving.settings import token_auth_from_env
 
 
 def add_package_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +138,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=ServerConfig.host,
                         help="bind address (loopback; 0.0.0.0 only inside a container network)")
     parser.add_argument("--token-auth", action="store_true",
-                        default=ServingSettings.from_env().token_auth,
+                        default=token_auth_from_env(),
                         help="require TorchServe's keys (HOME/key_file.json) on every API "
                              "(default: $VISIONLOOP_TS_TOKEN_AUTH=1)")
     parser.add_argument("--model-store", type=Path, default=ServerConfig.model_store)

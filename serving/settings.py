@@ -31,6 +31,16 @@ def _gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def token_auth_from_env(env: Mapping[str, str] | None = None) -> bool:
+    """$VISIONLOOP_TS_TOKEN_AUTH alone: without looking at the machine (no torch import),
+    for the CLI's flag default."""
+    env = os.environ if env is None else env
+    auth = env.get(PREFIX + "TOKEN_AUTH", "")
+    if auth not in ("", "0", "1"):
+        raise ValueError(f"{PREFIX}TOKEN_AUTH must be 0 or 1, got {auth!r}")
+    return auth == "1"
+
+
 @dataclass(frozen=True)
 class ServingSettings:
     workers: int
@@ -67,11 +77,8 @@ class ServingSettings:
                 raise ValueError(f"{PREFIX}{name} must be >= {least}, got {value}")
             return value
 
-        auth = env.get(PREFIX + "TOKEN_AUTH", "")
-        if auth not in ("", "0", "1"):
-            raise ValueError(f"{PREFIX}TOKEN_AUTH must be 0 or 1, got {auth!r}")
         return cls(workers=integer("WORKERS", base.workers, 1),
                    batch_size=integer("BATCH_SIZE", base.batch_size, 1),
                    max_batch_delay_ms=integer("MAX_BATCH_DELAY_MS", base.max_batch_delay_ms, 0),
                    job_queue_size=integer("JOB_QUEUE_SIZE", base.job_queue_size, 1),
-                   token_auth=auth == "1")
+                   token_auth=token_auth_from_env(env))
