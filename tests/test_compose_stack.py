@@ -48,23 +48,51 @@ class Stack:
         self.inference = f"http://127.0.0.1:{env['INFERENCE_PORT']}"
         self.labelstudio = f"http://127.0.0.1:{env['LABEL_STUDIO_PORT']}"
 
+    def command(self, *args: str) -> list[str]:
+        return [str(Path(sys.executable).with_name("podman-compose")), "--podman-path",
+                PODMAN, "-p", PROJECT, "--env-file", str(self.env_file),
+                "-f", str(ROOT / "docker-compose.yml"), *args]
+
     def compose(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-        command = [str(Path(sys.executable).with_name("podman-compose")), "--podman-path",
-                   PODMAN, "-p", PROJECT, "--env-file", str(self.env_file),
-                   "-f", str(ROOT / "docker-compose.yml"), *args]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(self.command(*args), capture_output=True, text=True,
+                                timeout=timeout)
         assert result.returncode == 0, (f"{' '.join(args)}: {result.stdout[-3000:]}\n"
                                         f"{result.stderr[-3000:]}")
         return result
 
     def remove_everything(self) -> None:
         """Every container of the project, the replicas profile's too, and its volumes."""
-        command = [str(Path(sys.executable).with_name("podman-compose")), "--podman-path",
-                   PODMAN, "-p", PROJECT, "--env-file", str(self.env_file),
-                   "-f", str(ROOT / "docker-compose.yml"), "--profile", "replicas", "down", "-v"]
-        subprocess.run(command, capture_output=True, timeout=600)
+        subprocess.run(self.command("--profile", "replicas", "down", "-v"),
+                       capture_output=True, timeout=600)
         leftovers = podman("ps", "-a", "--filter", f"name={PROJECT}_", "--format", "{{.Names}}")
         assert not leftovers.stdout.strip(), f"containers left: {leftovers.stdout}"
+
+    def push_and_answer(self, budget: int, truth: dict[str, str]) -> tuple[dict, list]:
+        """One push from the push service, then every unanswered task answered with its
+        image's true label through Label Studio's API; (push summary, answered tasks)."""
+        pushed = last_json(self.visionloop("push", "label", "push", "--budget", str(budget),
+                                           "--name", MODEL, "--store", "/srv/model_store",
+                                           "--capture-dir", "/srv/captures", *LABELSTUDIO))
+        assert pushed["pushed"] > 0
+        client, answered = self.client(), []
+        for task in client.tasks.list(project=pushed["project"], fields="all"):
+            if not task.total_annotations:
+                client.annotations.create(id=task.id, result=[{
+                    "from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
+                    "value": {"choices": [truth[task.data["capture_sha"]]]}}])
+                answered.append(task)
+        return pushed, answered
+
+    def retrain(self, *torchserve: str) -> dict:
+        """One retrain run in the retrain service, promoting into `torchserve` (its flags),
+        with the gate's margins opened: the small test set's intervals are too wide to
+        promote on; its decision."""
+        return last_json(self.visionloop(
+            "retrain", "retrain", "--name", MODEL, "--store", "/srv/model_store", "--data",
+            "/srv/data", "--labels-dir", "/srv/labels", "--capture-dir", "/srv/captures",
+            *LABELSTUDIO, *torchserve, "--torchserve-model-store",
+            "/srv/torchserve/model-store", "--min-new-labels", "1", "--max-macro-f1-drop", "1",
+            "--max-minority-recall-drop", "1", timeout=1200))
 
     def visionloop(self, service: str, *args: str, timeout: float = 900) -> str:
         """`visionloop ARGS` inside the running service's container."""
@@ -189,28 +217,14 @@ def test_the_compose_stack_runs_the_loop_and_keeps_everything_across_down_and_up
     assert stack.captures_in_index() >= captured
     report.append(f"{len(bodies)} images sent, {captured} captured into PostgreSQL")
 
-    pushed = last_json(stack.visionloop("push", "label", "push", "--budget", "30", "--name",
-                                         MODEL, "--store", "/srv/model_store",
-                                         "--capture-dir", "/srv/captures", *LABELSTUDIO))
-    assert pushed["pushed"] > 0
+    pushed, tasks = stack.push_and_answer(30, truth)
     client = stack.client()
-    [project] = [p for p in client.projects.list() if p.id == pushed["project"]]
-    tasks = list(client.tasks.list(project=project.id, fields="all"))
-    assert len(tasks) == pushed["pushed"]
-    for task in tasks:
-        label = truth[task.data["capture_sha"]]
-        client.annotations.create(id=task.id, result=[{
-            "from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
-            "value": {"choices": [label]}}])
+    project = client.projects.get(id=pushed["project"])
+    assert len(list(client.tasks.list(project=project.id))) == pushed["pushed"] == len(tasks)
     report.append(f"{len(tasks)} tasks in Label Studio, answered through its API")
 
-    decision = last_json(stack.visionloop(
-        "retrain", "retrain", "--name", MODEL, "--store", "/srv/model_store", "--data",
-        "/srv/data", "--labels-dir", "/srv/labels", "--capture-dir", "/srv/captures",
-        *LABELSTUDIO, "--torchserve-host", "torchserve", "--torchserve-home",
-        "/srv/torchserve/home", "--torchserve-model-store", "/srv/torchserve/model-store",
-        "--min-new-labels", "1", "--max-macro-f1-drop", "1", "--max-minority-recall-drop", "1",
-        timeout=1200))
+    decision = stack.retrain("--torchserve-host", "torchserve",
+                             "--torchserve-home", "/srv/torchserve/home")
     assert decision["promoted"] and decision["challenger"] == "v2", decision
     assert "TorchServe now serves v2" in decision["reason"], decision
     stack.wait_serving(bodies[0], "v2", timeout=60)
@@ -258,16 +272,7 @@ def test_the_replicas_profile_rolls_a_promotion_through_both_under_load(stack, s
     through.wait_serving(bodies[0], "v2")
     assert balancer == through.inference
     # fresh labels for the retrain: the captures test 1 did not push
-    pushed = last_json(stack.visionloop("push", "label", "push", "--budget", "10", "--name",
-                                        MODEL, "--store", "/srv/model_store",
-                                        "--capture-dir", "/srv/captures", *LABELSTUDIO))
-    assert pushed["pushed"] > 0
-    client = stack.client()
-    for task in client.tasks.list(project=pushed["project"], fields="all"):
-        if not task.total_annotations:
-            client.annotations.create(id=task.id, result=[{
-                "from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
-                "value": {"choices": [truth[task.data["capture_sha"]]]}}])
+    stack.push_and_answer(10, truth)
 
     outcomes: list[tuple[int, str | None]] = []
     stop = threading.Event()
@@ -283,13 +288,8 @@ def test_the_replicas_profile_rolls_a_promotion_through_both_under_load(stack, s
     for sender in senders:
         sender.start()
     started = time.monotonic()
-    decision = last_json(stack.visionloop(
-        "retrain", "retrain", "--name", MODEL, "--store", "/srv/model_store", "--data",
-        "/srv/data", "--labels-dir", "/srv/labels", "--capture-dir", "/srv/captures",
-        *LABELSTUDIO, "--torchserve-url", "http://torchserve:8081", "--torchserve-url",
-        "http://torchserve-b:8081", "--torchserve-model-store", "/srv/torchserve/model-store",
-        "--min-new-labels", "1", "--max-macro-f1-drop", "1", "--max-minority-recall-drop", "1",
-        timeout=1200))
+    decision = stack.retrain("--torchserve-url", "http://torchserve:8081",
+                             "--torchserve-url", "http://torchserve-b:8081")
     took = time.monotonic() - started
     time.sleep(2)
     stop.set()
