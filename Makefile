@@ -117,9 +117,13 @@ soak: setup
 	VISIONLOOP_SOAK_SECONDS=300 VISIONLOOP_FUZZ_EXAMPLES=3000 \
 		$(PY) -m pytest -q -s -p no:cacheprovider tests/test_soak.py tests/test_fuzz.py
 
+# lint-imports reads a package from its folder; visionloop's stages live in sibling folders
+# (pyproject's package-dir), so it reads a copy laid out as the installed package is.
 lint: setup
 	$(VENV)/bin/ruff check core visionloop trainer serving labeling bench tests
-	$(VENV)/bin/lint-imports
+	rm -rf build/lint && mkdir -p build/lint && cp -r visionloop build/lint/ && \
+		for stage in core trainer serving labeling; do cp -r $$stage build/lint/visionloop/; done
+	cd build/lint && ../../$(VENV)/bin/lint-imports ../../pyproject.toml
 
 bench-train: setup
 	$(PY) -m bench.train_throughput

@@ -35,16 +35,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.bootstrap import intervals
-from core.fsutil import atomic_write_json, atomic_write_text
-from core.manifest import Preprocessing
-from core.scenario import class_names, read_pool
-from labeling.strategies import rank
-from serving.capture import CAPTURE_BELOW
-from trainer import fashion_mnist
-from trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
-from trainer.head import fit_head, fit_linear_head
-from trainer.models import LITE0, build_model
+from visionloop.core.bootstrap import intervals
+from visionloop.core.fsutil import atomic_write_json, atomic_write_text
+from visionloop.core.manifest import Preprocessing
+from visionloop.core.scenario import class_names, read_pool
+from visionloop.labeling.strategies import rank
+from visionloop.serving.capture import CAPTURE_BELOW
+from visionloop.trainer import fashion_mnist
+from visionloop.trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
+from visionloop.trainer.head import fit_head, fit_linear_head
+from visionloop.trainer.models import LITE0, build_model
 
 log = logging.getLogger("bench.active_learning")
 # <strategy>_all: the minority share at 1.0 instead of push's default 0.5

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from bench.active_learning import Learner, build_data, default_scenario, embeddings
-from core.bootstrap import paired_difference
-from core.fsutil import atomic_write_text
-from core.scenario import class_names
-from trainer.head import fit_linear_head
 from visionloop.configs import RetrainConfig
+from visionloop.core.bootstrap import paired_difference
+from visionloop.core.fsutil import atomic_write_text
+from visionloop.core.scenario import class_names
 from visionloop.gate import GateRule, decide
+from visionloop.trainer.head import fit_linear_head
 
 log = logging.getLogger("bench.gate")
 

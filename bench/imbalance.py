@@ -18,12 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from core.fsutil import atomic_write_json, atomic_write_text
-from core.manifest import ModelManifest
-from trainer import fashion_mnist
-from trainer.config import TrainConfig
-from trainer.imbalance import METHODS
-from trainer.train import run_training
+from visionloop.core.fsutil import atomic_write_json, atomic_write_text
+from visionloop.core.manifest import ModelManifest
+from visionloop.trainer import fashion_mnist
+from visionloop.trainer.config import TrainConfig
+from visionloop.trainer.imbalance import METHODS
+from visionloop.trainer.train import run_training
 
 log = logging.getLogger("bench.imbalance")
 DEFAULT_METHOD = TrainConfig.__dataclass_fields__["imbalance"].default

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from core.capture_store import CaptureStore
-from core.model_store import ModelStore
-from core.scenario import read_pool
-from labeling.project import Project
-from labeling.push import PushOptions, choose, unlinked_candidates
-from labeling.strategies import rank
-from serving.capture import CapturePolicy, Capturer
-from serving.offline import InProcessModel
+from visionloop.core.capture_store import CaptureStore
+from visionloop.core.model_store import ModelStore
+from visionloop.core.scenario import read_pool
+from visionloop.labeling.project import Project
+from visionloop.labeling.push import PushOptions, choose, unlinked_candidates
+from visionloop.labeling.strategies import rank
+from visionloop.serving.capture import CapturePolicy, Capturer
+from visionloop.serving.offline import InProcessModel
 
 RANKED = ("least_confidence", "margin", "entropy", "class_balanced")
 

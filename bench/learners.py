@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 from bench.scenarios import SCENARIOS, scenario_data
-from core.fsutil import atomic_write_json, atomic_write_text
-from core.manifest import ModelManifest
-from trainer.config import CANDIDATES, TrainConfig
-from trainer.train import run_training
+from visionloop.core.fsutil import atomic_write_json, atomic_write_text
+from visionloop.core.manifest import ModelManifest
+from visionloop.trainer.config import CANDIDATES, TrainConfig
+from visionloop.trainer.train import run_training
 
 
 def run_auto(data: Path, root: Path, name: str, seed: int, candidates: tuple[str, ...]) -> dict:

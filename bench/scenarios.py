@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from bench.active_learning import build_data, default_scenario
-from trainer import fashion_mnist
+from visionloop.trainer import fashion_mnist
 
 
 @dataclass(frozen=True)

@@ -31,15 +31,15 @@ from pathlib import Path
 
 import torch
 
-from core.manifest import ModelManifest
-from core.model_store import ModelStore
-from serving import server
-from serving.archive import package
-from serving.backends import OnnxBackend, load_backend
-from serving.capture import CapturePolicy
-from serving.handler import ServingConfig
-from serving.inference import decode, postprocess, preprocess_batch
-from trainer import fashion_mnist
+from visionloop.core.manifest import ModelManifest
+from visionloop.core.model_store import ModelStore
+from visionloop.serving import server
+from visionloop.serving.archive import package
+from visionloop.serving.backends import OnnxBackend, load_backend
+from visionloop.serving.capture import CapturePolicy
+from visionloop.serving.handler import ServingConfig
+from visionloop.serving.inference import decode, postprocess, preprocess_batch
+from visionloop.trainer import fashion_mnist
 
 NO_CAPTURE = CapturePolicy(max_confidence=None)
 CAPTURE_ALL = CapturePolicy(max_confidence=1.01, per_minute=1_000_000)
@@ -88,10 +88,10 @@ def photo_jpegs(count: int, size: tuple[int, int] = (640, 480)) -> list[bytes]:
 def photo_model(root: Path, image_size: int = 224, classes: int = 10) -> Path:
     """A version directory the handler can serve: Lite0 with ImageNet weights and a new
     head, exported (TorchScript, ONNX, parity-checked) at image_size."""
-    from core.fsutil import sha256_file
-    from core.manifest import Artifact, Preprocessing
-    from trainer.export import export_all
-    from trainer.models import LITE0, build_model
+    from visionloop.core.fsutil import sha256_file
+    from visionloop.core.manifest import Artifact, Preprocessing
+    from visionloop.trainer.export import export_all
+    from visionloop.trainer.models import LITE0, build_model
 
     torch.manual_seed(0)
     built = build_model(LITE0, classes, "DEFAULT")

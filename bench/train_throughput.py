@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from core.manifest import Preprocessing
-from core.preprocess import preprocess_image
-from trainer import fashion_mnist
-from trainer.engine import train_one_epoch
-from trainer.imbalance import build_loss
-from trainer.models import build_model
-from trainer.optim import build_optimizer, build_scheduler, parameter_groups
+from visionloop.core.manifest import Preprocessing
+from visionloop.core.preprocess import preprocess_image
+from visionloop.trainer import fashion_mnist
+from visionloop.trainer.engine import train_one_epoch
+from visionloop.trainer.imbalance import build_loss
+from visionloop.trainer.models import build_model
+from visionloop.trainer.optim import build_optimizer, build_scheduler, parameter_groups
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from core.capture_spool import ROW_FIELDS, CaptureSpool, new_key
-from core.db import open_wal, transaction
-from core.reply import Prediction
+from visionloop.core.capture_spool import ROW_FIELDS, CaptureSpool, new_key
+from visionloop.core.db import open_wal, transaction
+from visionloop.core.reply import Prediction
 
 DB_FILE = "captures.sqlite3"
 DATABASE_ENV = "VISIONLOOP_CAPTURE_DATABASE"  # the index's URL, for every process that opens it

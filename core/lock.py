@@ -14,8 +14,10 @@ import os
 import time
 from pathlib import Path
 
+from visionloop.core.errors import Busy
 
-class LockBusy(RuntimeError):
+
+class LockBusy(Busy, RuntimeError):
     """Another process holds the lock."""
 
 

@@ -12,13 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.fsutil import atomic_write_json, sha256_file
+from visionloop.core.errors import InputError
+from visionloop.core.fsutil import atomic_write_json, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest that is missing, unreadable or inconsistent."""
 
 

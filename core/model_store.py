@@ -11,13 +11,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from core.manifest import MANIFEST_FILE, ModelManifest
+from visionloop.core.errors import InputError
+from visionloop.core.manifest import MANIFEST_FILE, ModelManifest
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _VERSION_PATTERN = re.compile(r"^v(\d+)$")
 
 
-class StoreError(ValueError):
+class StoreError(InputError):
     """A model name or version that is invalid or not in the store."""
 
 

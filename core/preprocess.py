@@ -11,7 +11,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from core.manifest import Preprocessing
+from visionloop.core.manifest import Preprocessing
 
 
 def to_rgb(image: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from core.fsutil import atomic_write_text
-from core.lock import FileLock
-from core.model_store import ModelStore
+from visionloop.core.fsutil import atomic_write_text
+from visionloop.core.lock import FileLock
+from visionloop.core.model_store import ModelStore
 
 _HEADER = ("| time (UTC) | champion | challenger | new labels | macro-F1 champion -> challenger "
            "| minority recall champion -> challenger | decision | reason |\n"

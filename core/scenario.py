@@ -16,11 +16,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from visionloop.core.errors import InputError
+
 POOL_LABELS = "pool_labels.csv"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class ScenarioError(ValueError):
+class ScenarioError(InputError):
     """A scenario folder that is not laid out as the module docstring says."""
 
 

@@ -22,9 +22,9 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from labeling.backend_auth import SECRET_HEADER, authorised
-from labeling.events import ANNOTATION_EVENTS, START_TRAINING, RetrainTrigger
-from labeling.predictor import Predictor
+from visionloop.labeling.backend_auth import SECRET_HEADER, authorised
+from visionloop.labeling.events import ANNOTATION_EVENTS, START_TRAINING, RetrainTrigger
+from visionloop.labeling.predictor import Predictor
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ import signal
 from dataclasses import asdict
 from pathlib import Path
 
-from core.model_store import ModelStore
-from core.registry import resolve
-from labeling import server
-from labeling.dedupe import NEAR_DUPLICATE_CORRELATION
-from labeling.push_options import TRANSPORTS
-from labeling.server import LabelStudioConfig, api_token, backend_secret
-from labeling.strategies import STRATEGIES
+from visionloop.core.model_store import ModelStore
+from visionloop.core.registry import resolve
+from visionloop.labeling import server
+from visionloop.labeling.dedupe import NEAR_DUPLICATE_CORRELATION
+from visionloop.labeling.push_options import TRANSPORTS
+from visionloop.labeling.server import LabelStudioConfig, api_token, backend_secret
+from visionloop.labeling.strategies import STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _project(args: argparse.Namespace, client):
-    from labeling.project import default_title, ensure_project
+    from visionloop.labeling.project import default_title, ensure_project
 
     store = ModelStore(args.store)
     manifest = store.load_manifest(args.name, resolve(store, args.name, args.version))
@@ -119,7 +119,7 @@ def _project(args: argparse.Namespace, client):
 
 def _push(args: argparse.Namespace) -> int:
     if args.every:
-        from core.schedule import parse_duration, run_every
+        from visionloop.core.schedule import parse_duration, run_every
 
         run_every(parse_duration(args.every), lambda: _push_once(args),
                   "push (the captures wait in the store)")
@@ -128,8 +128,8 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _push_once(args: argparse.Namespace) -> int:
-    from labeling.client import connect
-    from labeling.push import PushOptions, push
+    from visionloop.labeling.client import connect
+    from visionloop.labeling.push import PushOptions, push
 
     cfg = server_config(args)
     client = connect(cfg)
@@ -149,8 +149,8 @@ def _push_once(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from labeling.client import connect
-    from labeling.pull import pull
+    from visionloop.labeling.client import connect
+    from visionloop.labeling.pull import pull
 
     client = connect(server_config(args))
     _, project = _project(args, client)
@@ -160,9 +160,9 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _backend(args: argparse.Namespace) -> int:
-    from labeling.backend_server import BackendServer
-    from labeling.events import RetrainTrigger
-    from labeling.predictor import Predictor
+    from visionloop.labeling.backend_server import BackendServer
+    from visionloop.labeling.events import RetrainTrigger
+    from visionloop.labeling.predictor import Predictor
 
     cfg = server_config(args)
     predictor = Predictor(args.store, args.name, args.version, cfg.url, api_token(cfg))
@@ -183,8 +183,8 @@ def _backend(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace) -> int:
-    from labeling.client import connect
-    from labeling.project import connect_backend
+    from visionloop.labeling.client import connect
+    from visionloop.labeling.project import connect_backend
 
     cfg = server_config(args)
     client = connect(cfg)
@@ -195,14 +195,14 @@ def _connect(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from labeling.pull import annotator_report
+    from visionloop.labeling.pull import annotator_report
 
     print(json.dumps(annotator_report(args.labels_dir), indent=2))
     return 0
 
 
 def run_label(args: argparse.Namespace) -> int:
-    from labeling.client import LabelStudioUnavailable
+    from visionloop.labeling.client import LabelStudioUnavailable
 
     run = {"push": _push, "pull": _pull, "backend": _backend, "connect": _connect,
            "status": _status}[args.label_action]

@@ -15,13 +15,14 @@ import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
-from labeling.server import LabelStudioConfig, api_token
+from visionloop.core.errors import ServiceUnavailable
+from visionloop.labeling.server import LabelStudioConfig, api_token
 
 # the SDK logs every request at INFO through httpx
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-class LabelStudioUnavailable(RuntimeError):
+class LabelStudioUnavailable(ServiceUnavailable, RuntimeError):
     """Label Studio is down or failing (5xx): retry later, nothing was lost."""
 
 

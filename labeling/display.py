@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from core.capture_store import image_path
+from visionloop.core.capture_store import image_path
 
 MIN_SIDE = 64
 

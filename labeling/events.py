@@ -16,7 +16,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from core.fsutil import atomic_write_json
+from visionloop.core.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 

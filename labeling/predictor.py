@@ -12,11 +12,11 @@ import logging
 import urllib.request
 from pathlib import Path
 
-from core.model_store import ModelStore
-from core.registry import resolve
-from labeling.client import AuthHeader
-from labeling.project import FROM_NAME, IMAGE_KEY, TO_NAME
-from serving.offline import BadInput, InProcessModel
+from visionloop.core.model_store import ModelStore
+from visionloop.core.registry import resolve
+from visionloop.labeling.client import AuthHeader
+from visionloop.labeling.project import FROM_NAME, IMAGE_KEY, TO_NAME
+from visionloop.serving.offline import BadInput, InProcessModel
 
 log = logging.getLogger(__name__)
 

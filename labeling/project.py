@@ -21,8 +21,9 @@ from xml.sax.saxutils import quoteattr
 
 from label_studio_sdk import LabelStudio
 
-from labeling.backend_auth import BASIC_AUTH_USER, SECRET_HEADER
-from labeling.client import unavailable_as_error
+from visionloop.core.errors import InputError
+from visionloop.labeling.backend_auth import BASIC_AUTH_USER, SECRET_HEADER
+from visionloop.labeling.client import unavailable_as_error
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ QUEUE_MODEL_VERSION = "visionloop-queue"  # the model_version of push's predicti
 SAMPLING = "Uncertainty sampling"
 
 
-class ProjectError(ValueError):
+class ProjectError(InputError):
     """The Label Studio project does not fit the model (a user can fix it from the message)."""
 
 

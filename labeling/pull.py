@@ -29,10 +29,10 @@ from pathlib import Path
 from label_studio_sdk import LabelStudio
 from PIL import Image
 
-from core.capture_store import image_path
-from core.db import transaction
-from labeling.client import unavailable_as_error
-from labeling.project import FROM_NAME, Project
+from visionloop.core.capture_store import image_path
+from visionloop.core.db import transaction
+from visionloop.labeling.client import unavailable_as_error
+from visionloop.labeling.project import FROM_NAME, Project
 
 log = logging.getLogger(__name__)
 

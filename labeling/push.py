@@ -28,13 +28,13 @@ import numpy as np
 from label_studio_sdk import LabelStudio
 from PIL import Image
 
-from core.capture_store import READER_BUSY_TIMEOUT_S, CaptureStore, image_path
-from labeling.client import unavailable_as_error
-from labeling.dedupe import NearDuplicateFilter, thumbnail_signature
-from labeling.display import display_dir, display_image
-from labeling.project import FROM_NAME, IMAGE_KEY, QUEUE_MODEL_VERSION, TO_NAME, Project
-from labeling.push_options import PushOptions
-from labeling.strategies import rank
+from visionloop.core.capture_store import READER_BUSY_TIMEOUT_S, CaptureStore, image_path
+from visionloop.labeling.client import unavailable_as_error
+from visionloop.labeling.dedupe import NearDuplicateFilter, thumbnail_signature
+from visionloop.labeling.display import display_dir, display_image
+from visionloop.labeling.project import FROM_NAME, IMAGE_KEY, QUEUE_MODEL_VERSION, TO_NAME, Project
+from visionloop.labeling.push_options import PushOptions
+from visionloop.labeling.strategies import rank
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from labeling.dedupe import NEAR_DUPLICATE_CORRELATION
+from visionloop.labeling.dedupe import NEAR_DUPLICATE_CORRELATION
 
 TRANSPORTS = ("local-files", "base64")
 

@@ -21,7 +21,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.fsutil import atomic_write_json
+from visionloop.core.errors import ServiceUnavailable
+from visionloop.core.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 _FOREIGN_ENV = ("USERNAME", "PASSWORD", "HOST", "PORT")
 
 
-class LabelStudioError(RuntimeError):
+class LabelStudioError(ServiceUnavailable, RuntimeError):
     """Label Studio did not start, get healthy or stop as expected."""
 
 

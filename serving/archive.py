@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from core.manifest import ModelManifest
-from serving.handler import SERVING_CONFIG, ServingConfig
-from serving.settings import ServingSettings
+from visionloop.core.manifest import ModelManifest
+from visionloop.serving.handler import SERVING_CONFIG, ServingConfig
+from visionloop.serving.settings import ServingSettings
 
 BACKENDS = {"torchscript": "torchscript", "onnx": "onnx", "onnx-fp16": "onnx_fp16"}
 HANDLER = Path(__file__).with_name("handler.py")

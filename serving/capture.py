@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.capture_spool import SPOOL_MAX_BYTES, CaptureSpool, SpoolFull
-from core.capture_store import CaptureStore, CaptureStoreError
-from core.manifest import ModelManifest
-from core.reply import Prediction, Uncertainty
+from visionloop.core.capture_spool import SPOOL_MAX_BYTES, CaptureSpool, SpoolFull
+from visionloop.core.capture_store import CaptureStore, CaptureStoreError
+from visionloop.core.manifest import ModelManifest
+from visionloop.core.reply import Prediction, Uncertainty
 
 log = logging.getLogger(__name__)
 

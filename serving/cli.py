@@ -7,14 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from core.lock import LockBusy
-from core.model_store import ModelStore, StoreError
-from core.registry import Registry
-from serving import server
-from serving.capture import CAPTURE_BELOW, capture_policy
-from serving.promote import RolloutIncomplete, promote, replica_configs, roll_out
-from serving.server import ServerConfig
-from serving.settings import token_auth_from_env
+from visionloop.core.lock import LockBusy
+from visionloop.core.model_store import ModelStore, StoreError
+from visionloop.core.registry import Registry
+from visionloop.serving import server
+from visionloop.serving.capture import CAPTURE_BELOW, capture_policy
+from visionloop.serving.promote import RolloutIncomplete, promote, replica_configs, roll_out
+from visionloop.serving.server import ServerConfig
+from visionloop.serving.settings import token_auth_from_env
 
 
 def add_package_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +45,8 @@ def capture_classes(spec: str) -> tuple[str, ...] | None:
 def _package(args: argparse.Namespace) -> tuple[str, Path]:
     """Package the version the arguments name; returns (resolved version, .mar path)."""
     # the archive and the handler's config import torch: only when packaging runs
-    from serving.archive import package
-    from serving.handler import ServingConfig
+    from visionloop.serving.archive import package
+    from visionloop.serving.handler import ServingConfig
 
     store = ModelStore(args.store)
     version = store.resolve_version(args.name, args.version)
@@ -112,8 +112,8 @@ def run_promote(args: argparse.Namespace) -> int:
 def champion_archive(store_dir: Path, name: str, export_dir: Path, backend: str) -> str:
     """The .mar file name of NAME's champion in export_dir, packaged there if it is missing
     (with the capture policy a promotion would give it)."""
-    from serving.archive import mar_name, package
-    from serving.handler import ServingConfig
+    from visionloop.serving.archive import mar_name, package
+    from visionloop.serving.handler import ServingConfig
 
     store = ModelStore(store_dir)
     try:

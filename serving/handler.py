@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.manifest import ModelManifest
-from serving.backends import load_backend
-from serving.capture import CapturePolicy, Capturer
-from serving.inference import BadInput, Limits, predict_batch
-from serving.inflight import INFLIGHT_ENV, clear_dead_markers, marked
-from serving.metrics import emit as emit_metrics
+from visionloop.core.manifest import ModelManifest
+from visionloop.serving.backends import load_backend
+from visionloop.serving.capture import CapturePolicy, Capturer
+from visionloop.serving.inference import BadInput, Limits, predict_batch
+from visionloop.serving.inflight import INFLIGHT_ENV, clear_dead_markers, marked
+from visionloop.serving.metrics import emit as emit_metrics
 
 log = logging.getLogger(__name__)
 SERVING_CONFIG = "serving.json"

@@ -12,9 +12,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from core.manifest import ModelManifest
-from core.preprocess import preprocess_image
-from core.reply import ClassScore, Prediction, Uncertainty
+from visionloop.core.manifest import ModelManifest
+from visionloop.core.preprocess import preprocess_image
+from visionloop.core.reply import ClassScore, Prediction, Uncertainty
 
 DEFAULT_MAX_PIXELS = 40_000_000  # about 6300 x 6300; far above any photo a classifier needs
 DEFAULT_MAX_BYTES = 6_000_000  # under TorchServe's own max_request_size (6,553,500)

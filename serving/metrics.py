@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.reply import Prediction
+from visionloop.core.reply import Prediction
 
 BINS = 10
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from core.manifest import ModelManifest
-from core.reply import Prediction
-from serving.backends import load_backend
-from serving.inference import BadInput, predict_batch
+from visionloop.core.manifest import ModelManifest
+from visionloop.core.reply import Prediction
+from visionloop.serving.backends import load_backend
+from visionloop.serving.inference import BadInput, predict_batch
 
 __all__ = ["BadInput", "InProcessModel"]  # the served path as labeling's ML backend uses it
 

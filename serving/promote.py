@@ -15,10 +15,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from core.failpoints import failpoint
-from serving.archive_check import check_archive
-from serving.inflight import replica_name, running_batches
-from serving.server import (
+from visionloop.core.failpoints import failpoint
+from visionloop.serving.archive_check import check_archive
+from visionloop.serving.inflight import replica_name, running_batches
+from visionloop.serving.server import (
     ServerConfig,
     ServerError,
     management_json,

@@ -19,15 +19,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.capture_store import DATABASE_ENV
-from serving.archive_check import check_archive
-from serving.inflight import INFLIGHT_ENV, REPLICA_ENV, inflight_dir, replica_name
-from serving.settings import ServingSettings
+from visionloop.core.capture_store import DATABASE_ENV
+from visionloop.core.errors import ServiceUnavailable
+from visionloop.serving.archive_check import check_archive
+from visionloop.serving.inflight import INFLIGHT_ENV, REPLICA_ENV, inflight_dir, replica_name
+from visionloop.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
 
-class ServerError(RuntimeError):
+class ServerError(ServiceUnavailable, RuntimeError):
     """TorchServe did not start, get ready or stop as expected."""
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import fashion_mnist
+from visionloop.trainer import fashion_mnist
 
 MINORITY = ("coat", "sandal", "bag")
 
@@ -24,8 +24,8 @@ def small_scenario(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_version(small_scenario: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real fine-tune on the small scenario (pretrained Lite0, 32 px), published."""
-    from trainer.config import TrainConfig
-    from trainer.train import run_training
+    from visionloop.trainer.config import TrainConfig
+    from visionloop.trainer.train import run_training
 
     store = tmp_path_factory.mktemp("store")
     cfg = TrainConfig(data=str(small_scenario), out=str(store), name="fm", epochs=4,
@@ -42,8 +42,8 @@ def labelstudio(tmp_path_factory: pytest.TempPathFactory):
     Its local-files root is a folder the tests put their capture stores under. A server
     that cannot start fails the tests that need it: it is never skipped.
     """
-    from core.ports import free_loopback_ports
-    from labeling import server
+    from visionloop.core.ports import free_loopback_ports
+    from visionloop.labeling import server
 
     root = tmp_path_factory.mktemp("labelstudio")
     (port,) = free_loopback_ports(1)

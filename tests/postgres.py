@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.ports import free_loopback_ports
+from visionloop.core.ports import free_loopback_ports
 
 USER, DATABASE = "visionloop", "labelstudio"
 

@@ -12,8 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from core.ports import free_loopback_ports
-from serving import server
+from visionloop.core.ports import free_loopback_ports
+from visionloop.serving import server
 
 
 def free_ports() -> dict[str, int]:

@@ -15,9 +15,6 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from labeling import server
-from labeling.pull import pull
-from labeling.push import PushOptions, push
 from tests.test_labelstudio import (  # noqa: F401 - pool_predictions is a fixture
     MINORITY,
     capture_store,
@@ -25,6 +22,9 @@ from tests.test_labelstudio import (  # noqa: F401 - pool_predictions is a fixtu
     project_for,
     tasks_of,
 )
+from visionloop.labeling import server
+from visionloop.labeling.pull import pull
+from visionloop.labeling.push import PushOptions, push
 
 pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from core.capture_spool import CaptureSpool
-from core.capture_store import (
+from tests import postgres
+from visionloop.core.capture_spool import CaptureSpool
+from visionloop.core.capture_store import (
     DB_FILE,
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -18,9 +19,8 @@ from core.capture_store import (
     image_path,
     redacted,
 )
-from core.reply import ClassScore, Prediction, Uncertainty
-from serving.capture import CapturePolicy, Capturer
-from tests import postgres
+from visionloop.core.reply import ClassScore, Prediction, Uncertainty
+from visionloop.serving.capture import CapturePolicy, Capturer
 
 
 def reply(max_prob: float, label: str = "a") -> Prediction:
@@ -88,7 +88,7 @@ def test_a_broken_capture_directory_is_a_counted_error(tmp_path):
 
 
 def unreachable_database() -> str:
-    from core.ports import free_loopback_ports
+    from visionloop.core.ports import free_loopback_ports
 
     (port,) = free_loopback_ports(1)  # nothing listens there
     return f"postgresql://visionloop:secret-pw@127.0.0.1:{port}/captures"
@@ -153,9 +153,9 @@ def test_the_spool_skips_a_torn_line_and_drops_beyond_its_cap(tmp_path):
 
 SPOOL_AND_DIE = """
 import os, signal, sys
-from core.capture_spool import CaptureSpool
-from core.reply import ClassScore, Prediction, Uncertainty
-from serving.capture import CapturePolicy, Capturer
+from visionloop.core.capture_spool import CaptureSpool
+from visionloop.core.reply import ClassScore, Prediction, Uncertainty
+from visionloop.serving.capture import CapturePolicy, Capturer
 reply = Prediction(model="fm", version="v1", predictions=(ClassScore("a", 0.5),),
                    probabilities=(0.5, 0.5), uncertainty=Uncertainty(0.5, 0.0, 0.5))
 capturer = Capturer(sys.argv[1], CapturePolicy(), database=sys.argv[2])

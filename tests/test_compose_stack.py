@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from core.ports import free_loopback_ports
-from core.scenario import read_pool
-from labeling.project import FROM_NAME, TO_NAME
 from tests.conftest import MINORITY
 from tests.containers import PODMAN, ROOT, build_service_images, podman, shared_folder
+from visionloop.core.ports import free_loopback_ports
+from visionloop.core.scenario import read_pool
+from visionloop.labeling.project import FROM_NAME, TO_NAME
 
 pytestmark = pytest.mark.container
 

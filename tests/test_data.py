@@ -4,9 +4,14 @@ import os
 import pytest
 from PIL import Image
 
-from trainer import fashion_mnist
-from trainer.data import DataError, dataset_fingerprint, load_image_tensor, scan_image_folder
-from trainer.train import _hold_out
+from visionloop.trainer import fashion_mnist
+from visionloop.trainer.data import (
+    DataError,
+    dataset_fingerprint,
+    load_image_tensor,
+    scan_image_folder,
+)
+from visionloop.trainer.train import _hold_out
 
 
 def count_files(folder):

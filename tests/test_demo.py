@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from labeling import server as labelstudio_server
-from serving import server as torchserve_server
 from visionloop.demo import Demo, DemoConfig
+from visionloop.labeling import server as labelstudio_server
+from visionloop.serving import server as torchserve_server
 
 pytestmark = pytest.mark.slow
 

@@ -3,14 +3,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from trainer.export import (
+from visionloop.trainer.export import (
     FP16_PARITY_TOLERANCE,
     PARITY_TOLERANCE,
     ExportError,
     check_parity,
     export_all,
 )
-from trainer.models import build_model
+from visionloop.trainer.models import build_model
 
 
 def test_parity_check_fails_loudly_beyond_tolerance_or_on_nan():

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 
-from serving import server
-from serving.archive import package
-from serving.inference import BadInput
-from serving.offline import InProcessModel
 from tests.fuzz_inputs import EXAMPLES, FUZZ_SETTINGS, request_bodies, seed_images
 from tests.servers import free_ports, oversize_status, predict, worker_pids
+from visionloop.serving import server
+from visionloop.serving.archive import package
+from visionloop.serving.inference import BadInput
+from visionloop.serving.offline import InProcessModel
 
 pytestmark = pytest.mark.slow
 TRIED: dict[str, int] = {}

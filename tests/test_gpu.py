@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from core.manifest import ModelManifest
-from trainer.config import TrainConfig
-from trainer.train import run_training
+from visionloop.core.manifest import ModelManifest
+from visionloop.trainer.config import TrainConfig
+from visionloop.trainer.train import run_training
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA device")]

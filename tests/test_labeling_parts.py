@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from core.classes import minority_classes
-from labeling import server as labelstudio_server
-from labeling.backend_auth import SECRET_HEADER, authorised
-from labeling.backend_server import BackendServer
-from labeling.dedupe import NearDuplicateFilter, thumbnail_signature
-from labeling.events import RetrainTrigger
-from labeling.project import config_classes, label_config
-from labeling.pull import chosen_label
-from labeling.server import LabelStudioConfig
-from labeling.strategies import rank
+from visionloop.core.classes import minority_classes
+from visionloop.labeling import server as labelstudio_server
+from visionloop.labeling.backend_auth import SECRET_HEADER, authorised
+from visionloop.labeling.backend_server import BackendServer
+from visionloop.labeling.dedupe import NearDuplicateFilter, thumbnail_signature
+from visionloop.labeling.events import RetrainTrigger
+from visionloop.labeling.project import config_classes, label_config
+from visionloop.labeling.pull import chosen_label
+from visionloop.labeling.server import LabelStudioConfig
+from visionloop.labeling.strategies import rank
 
 PROBS = np.array([
     [0.90, 0.05, 0.05],  # 0 confident
@@ -165,8 +165,8 @@ def test_credentials_made_before_the_backend_secret_gain_one(tmp_path: Path):
 
 
 def test_small_images_get_an_enlarged_display_copy_of_the_same_pixels(tmp_path: Path):
-    from core.capture_store import image_path
-    from labeling.display import MIN_SIDE, display_image
+    from visionloop.core.capture_store import image_path
+    from visionloop.labeling.display import MIN_SIDE, display_image
 
     small = Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28), "L")
     big = Image.new("RGB", (MIN_SIDE, 80))

@@ -25,27 +25,27 @@ import pytest
 from label_studio_sdk import LabelStudio
 from PIL import Image
 
-from core.capture_store import DB_FILE, CaptureStore
-from core.manifest import ModelManifest
-from core.ports import free_loopback_ports
-from core.scenario import read_pool
-from labeling import server
-from labeling.backend_auth import SECRET_HEADER
-from labeling.backend_server import BackendServer, serve_in_thread
-from labeling.client import AuthHeader, LabelStudioUnavailable, connect
-from labeling.events import RetrainTrigger
-from labeling.predictor import Predictor
-from labeling.project import (
+from visionloop.core.capture_store import DB_FILE, CaptureStore
+from visionloop.core.manifest import ModelManifest
+from visionloop.core.ports import free_loopback_ports
+from visionloop.core.scenario import read_pool
+from visionloop.labeling import server
+from visionloop.labeling.backend_auth import SECRET_HEADER
+from visionloop.labeling.backend_server import BackendServer, serve_in_thread
+from visionloop.labeling.client import AuthHeader, LabelStudioUnavailable, connect
+from visionloop.labeling.events import RetrainTrigger
+from visionloop.labeling.predictor import Predictor
+from visionloop.labeling.project import (
     FROM_NAME,
     QUEUE_MODEL_VERSION,
     TO_NAME,
     connect_backend,
     ensure_project,
 )
-from labeling.pull import annotator_report, labelled_counts, pull
-from labeling.push import PushOptions, push, queue_score
-from serving.capture import CapturePolicy, Capturer
-from serving.offline import InProcessModel
+from visionloop.labeling.pull import annotator_report, labelled_counts, pull
+from visionloop.labeling.push import PushOptions, push, queue_score
+from visionloop.serving.capture import CapturePolicy, Capturer
+from visionloop.serving.offline import InProcessModel
 
 pytestmark = pytest.mark.slow
 MINORITY = ["coat", "sandal", "bag"]

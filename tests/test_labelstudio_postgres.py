@@ -9,11 +9,6 @@ import time
 
 import pytest
 
-from core.ports import free_loopback_ports
-from labeling import server
-from labeling.client import connect
-from labeling.pull import pull
-from labeling.push import PushOptions, push
 from tests import postgres
 from tests.test_labelstudio import (  # noqa: F401 - pool_predictions is a fixture
     MINORITY,
@@ -24,6 +19,11 @@ from tests.test_labelstudio import (  # noqa: F401 - pool_predictions is a fixtu
     project_for,
     tasks_of,
 )
+from visionloop.core.ports import free_loopback_ports
+from visionloop.labeling import server
+from visionloop.labeling.client import connect
+from visionloop.labeling.pull import pull
+from visionloop.labeling.push import PushOptions, push
 
 pytestmark = pytest.mark.slow
 

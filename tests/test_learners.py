@@ -7,20 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from core.manifest import ModelManifest
-from trainer.config import CANDIDATES, TrainConfig
-from trainer.engine import train_one_epoch
-from trainer.models import (
+from visionloop.configs import RetrainConfig
+from visionloop.core.manifest import ModelManifest
+from visionloop.retrain import challenger_learner
+from visionloop.trainer.config import CANDIDATES, TrainConfig
+from visionloop.trainer.engine import train_one_epoch
+from visionloop.trainer.models import (
     LITE0_MULTIBLOCK,
     backbone_blocks,
     build_model,
     set_backbone_trainable,
 )
-from trainer.optim import build_scheduler
-from trainer.selection import CandidateScore, choose
-from trainer.train import run_training
-from visionloop.configs import RetrainConfig
-from visionloop.retrain import challenger_learner
+from visionloop.trainer.optim import build_scheduler
+from visionloop.trainer.selection import CandidateScore, choose
+from visionloop.trainer.train import run_training
 
 PARITY_TOLERANCE = 1e-4
 

@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from core.bootstrap import intervals, paired_difference
-from core.manifest import Preprocessing
-from core.scenario import ScenarioError, check_layout, read_pool
-from trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
-from trainer.head import fit_head, fit_linear_head, logits_of, set_head
 from visionloop.configs import DemoConfig
+from visionloop.core.bootstrap import intervals, paired_difference
+from visionloop.core.manifest import Preprocessing
+from visionloop.core.scenario import ScenarioError, check_layout, read_pool
 from visionloop.demo import stream_sizes
+from visionloop.trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
+from visionloop.trainer.head import fit_head, fit_linear_head, logits_of, set_head
 
 PRE = Preprocessing(image_size=8, resize=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -75,8 +75,8 @@ def test_embeddings_are_computed_once_by_content_and_resume(image_files, tmp_pat
 
 
 def _preprocessed(path: Path) -> torch.Tensor:
-    from core.preprocess import preprocess_image
-    from trainer.data import load_image_tensor
+    from visionloop.core.preprocess import preprocess_image
+    from visionloop.trainer.data import load_image_tensor
 
     return preprocess_image(load_image_tensor(path), PRE)
 

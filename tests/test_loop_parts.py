@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from core.lock import FileLock, LockBusy
-from core.schedule import parse_duration
+from visionloop.core.lock import FileLock, LockBusy
+from visionloop.core.schedule import parse_duration
 from visionloop.retrain import RetrainConfig, gate, label_files
 
 
@@ -29,7 +29,7 @@ def test_a_killed_runs_lock_frees_when_its_forked_children_are_gone(tmp_path):
     path = tmp_path / ".retrain.lock"
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import os, signal, sys, time
-from core.lock import FileLock
+from visionloop.core.lock import FileLock
 lock = FileLock({str(path)!r}).__enter__()
 if os.fork() == 0:   # the worker outlives its parent by two seconds
     time.sleep(2)
@@ -98,7 +98,7 @@ def test_demo_never_wipes_a_folder_it_did_not_make(tmp_path):
 
 
 def test_replica_urls_become_one_config_each_and_bad_ones_are_refused(tmp_path):
-    from serving.promote import RolloutIncomplete, describe, replica_configs
+    from visionloop.serving.promote import RolloutIncomplete, describe, replica_configs
 
     replicas = replica_configs(["http://10.0.0.5:8081", "http://127.0.0.1:9081"], tmp_path)
     assert [r.url("management") for r in replicas] == ["http://10.0.0.5:8081",

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from core.manifest import Artifact, ManifestError, ModelManifest, Preprocessing
-from core.model_store import ModelStore, StoreError, validate_name
+from visionloop.core.manifest import Artifact, ManifestError, ModelManifest, Preprocessing
+from visionloop.core.model_store import ModelStore, StoreError, validate_name
 
 
 def make_manifest(version: str = "v1", **changes) -> ModelManifest:

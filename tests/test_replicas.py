@@ -22,19 +22,19 @@ from pathlib import Path
 
 import pytest
 
-from core.capture_store import CaptureStore, image_path
-from core.manifest import ModelManifest
-from core.model_store import ModelStore
-from core.registry import Registry
-from core.scenario import read_pool
-from serving import server
-from serving.archive import package
-from serving.promote import RolloutIncomplete, registered_versions
 from tests import postgres
 from tests.servers import free_ports, kill_worker, predict, start_haproxy, stop_process
 from tests.test_retrain import write_labels
 from visionloop.configs import RetrainConfig
+from visionloop.core.capture_store import CaptureStore, image_path
+from visionloop.core.manifest import ModelManifest
+from visionloop.core.model_store import ModelStore
+from visionloop.core.registry import Registry
+from visionloop.core.scenario import read_pool
 from visionloop.retrain import restore_champion_serving, retrain_once
+from visionloop.serving import server
+from visionloop.serving.archive import package
+from visionloop.serving.promote import RolloutIncomplete, registered_versions
 
 pytestmark = pytest.mark.slow
 
@@ -187,9 +187,9 @@ def test_two_replicas_write_one_postgresql_store_under_load(cluster, small_scena
 
 
 def test_push_reads_the_shared_store(cluster, labelstudio, trained_version):
-    from labeling.client import connect
-    from labeling.project import ensure_project
-    from labeling.push import PushOptions, push
+    from visionloop.labeling.client import connect
+    from visionloop.labeling.project import ensure_project
+    from visionloop.labeling.push import PushOptions, push
 
     client = connect(labelstudio)
     project = ensure_project(client, "replicas' shared store",

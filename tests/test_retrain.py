@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from core.lock import FileLock
-from core.model_store import ModelStore
-from core.registry import Registry
-from core.scenario import read_pool
-from serving import server
-from serving.archive import package
-from serving.promote import registered_versions
 from tests.servers import free_ports, predict
+from visionloop.core.lock import FileLock
+from visionloop.core.model_store import ModelStore
+from visionloop.core.registry import Registry
+from visionloop.core.scenario import read_pool
 from visionloop.retrain import RetrainConfig, retrain_once
+from visionloop.serving import server
+from visionloop.serving.archive import package
+from visionloop.serving.promote import registered_versions
 
 pytestmark = pytest.mark.slow
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from labeling import server as labelstudio_server
-from serving import server
-from serving.archive import package
-from serving.archive_check import ArchiveError, check_archive
 from tests.servers import free_ports
+from visionloop.labeling import server as labelstudio_server
+from visionloop.serving import server
+from visionloop.serving.archive import package
+from visionloop.serving.archive_check import ArchiveError, check_archive
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from serving.inference import BadInput, Limits, decode, postprocess, uncertainty
 from tests.test_manifest_store import make_manifest
+from visionloop.serving.inference import BadInput, Limits, decode, postprocess, uncertainty
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:
@@ -89,7 +89,7 @@ def test_uncertainty_scores_at_the_extremes():
 
 
 def test_serving_settings_come_from_the_environment_over_the_machines_defaults():
-    from serving.settings import ServingSettings
+    from visionloop.serving.settings import ServingSettings
 
     assert ServingSettings.for_machine(cpus=2, gpus=0).workers == 1
     assert ServingSettings.for_machine(cpus=16, gpus=0).workers == 4
@@ -107,7 +107,7 @@ def test_serving_settings_come_from_the_environment_over_the_machines_defaults()
 
 
 def test_the_server_config_and_archives_take_the_settings(tmp_path, monkeypatch):
-    from serving.server import ServerConfig, write_config
+    from visionloop.serving.server import ServerConfig, write_config
 
     monkeypatch.setenv("VISIONLOOP_TS_JOB_QUEUE_SIZE", "321")
     monkeypatch.setenv("VISIONLOOP_TS_WORKERS", "2")
@@ -120,7 +120,12 @@ def test_in_flight_markers_of_dead_workers_are_not_waited_for(tmp_path):
     import subprocess
     import sys
 
-    from serving.inflight import clear_dead_markers, inflight_dir, marked, running_batches
+    from visionloop.serving.inflight import (
+        clear_dead_markers,
+        inflight_dir,
+        marked,
+        running_batches,
+    )
 
     root = inflight_dir(tmp_path, "127.0.0.1:8081")
     with marked(root, "fm", "v1"):

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from core.capture_store import DB_FILE, image_path
-from serving import server
-from serving.archive import package
 from tests.servers import free_ports, kill_worker, predict
+from visionloop.core.capture_store import DB_FILE, image_path
+from visionloop.serving import server
+from visionloop.serving.archive import package
 
 pytestmark = pytest.mark.slow
 SOAK_SECONDS = float(os.environ.get("VISIONLOOP_SOAK_SECONDS", "40"))

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from serving import server
-from serving.archive import package
-from serving.promote import default_version
 from tests.servers import free_ports, predict
+from visionloop.serving import server
+from visionloop.serving.archive import package
+from visionloop.serving.promote import default_version
 
 pytestmark = pytest.mark.slow
 

@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from core.capture_store import CaptureStore, image_path
-from core.manifest import ModelManifest
-from core.preprocess import preprocess_image
-from serving import server
-from serving.archive import package
 from tests.servers import free_ports, oversize_status, predict
-from trainer.data import load_image_tensor
-from trainer.models import build_model
+from visionloop.core.capture_store import CaptureStore, image_path
+from visionloop.core.manifest import ModelManifest
+from visionloop.core.preprocess import preprocess_image
+from visionloop.serving import server
+from visionloop.serving.archive import package
+from visionloop.trainer.data import load_image_tensor
+from visionloop.trainer.models import build_model
 
 pytestmark = pytest.mark.slow
 BACKENDS = ("torchscript", "onnx")
@@ -136,9 +136,9 @@ def test_promotion_under_load_drops_no_request(trained_version, small_scenario, 
     import threading
     import time
 
-    from serving.promote import promote
-    from trainer.config import TrainConfig
-    from trainer.train import run_training
+    from visionloop.serving.promote import promote
+    from visionloop.trainer.config import TrainConfig
+    from visionloop.trainer.train import run_training
 
     store = tmp_path / "store"
     shutil.copytree(trained_version, store / "fm" / "v1")

@@ -14,14 +14,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from core.fsutil import sha256_file
-from core.manifest import ModelManifest
-from core.preprocess import preprocess_image
-from trainer.config import TrainConfig
-from trainer.export import PARITY_TOLERANCE
-from trainer.head import L2_GRID
-from trainer.train import run_training
 from visionloop.cli import main as cli_main
+from visionloop.core.fsutil import sha256_file
+from visionloop.core.manifest import ModelManifest
+from visionloop.core.preprocess import preprocess_image
+from visionloop.trainer.config import TrainConfig
+from visionloop.trainer.export import PARITY_TOLERANCE
+from visionloop.trainer.head import L2_GRID
+from visionloop.trainer.train import run_training
 
 MINORITY = ("coat", "sandal", "bag")  # as in conftest.small_scenario
 
@@ -53,8 +53,8 @@ def test_training_learns_and_publishes_a_complete_version(trained_version: Path)
 
 def test_exports_reproduce_the_eager_model_on_real_images(trained_version: Path, small_scenario):
     """TorchScript and ONNX, fed the manifest's preprocessing, agree with the saved weights."""
-    from trainer.data import load_image_tensor
-    from trainer.models import build_model
+    from visionloop.trainer.data import load_image_tensor
+    from visionloop.trainer.models import build_model
 
     manifest = ModelManifest.load(trained_version)
     files = sorted((small_scenario / "test").rglob("*.png"))[::37][:9]  # any batch size works

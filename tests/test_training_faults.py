@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.manifest import ManifestError
-from core.model_store import ModelStore
-from core.registry import Registry
-from serving.archive import package
 from tests.test_retrain import config, make_store, write_labels
-from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from visionloop.core.manifest import ManifestError
+from visionloop.core.model_store import ModelStore
+from visionloop.core.registry import Registry
 from visionloop.retrain import retrain_once
+from visionloop.serving.archive import package
+from visionloop.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.slow
 

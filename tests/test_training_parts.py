@@ -8,17 +8,17 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from trainer.calibration import fit_temperature
-from trainer.data import loader_workers
-from trainer.imbalance import (
+from visionloop.trainer.calibration import fit_temperature
+from visionloop.trainer.data import loader_workers
+from visionloop.trainer.imbalance import (
     LogitAdjustedLoss,
     build_loss,
     class_balanced_weights,
     oversampling_weights,
 )
-from trainer.metrics import classification_report, expected_calibration_error
-from trainer.optim import lr_factor, parameter_groups
-from trainer.sampling import EpochSampler
+from visionloop.trainer.metrics import classification_report, expected_calibration_error
+from visionloop.trainer.optim import lr_factor, parameter_groups
+from visionloop.trainer.sampling import EpochSampler
 
 
 def test_class_balanced_weights_favour_rare_classes():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from core.manifest import Preprocessing
-from core.preprocess import normalize, resize_and_crop, to_rgb
-from trainer.config import AUGMENT_PRESETS as PRESETS
+from visionloop.core.manifest import Preprocessing
+from visionloop.core.preprocess import normalize, resize_and_crop, to_rgb
+from visionloop.trainer.config import AUGMENT_PRESETS as PRESETS
 
 
 def _augmentations(preset: str, size: int) -> list[torch.nn.Module]:

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from core.fsutil import atomic_write_bytes, atomic_write_json
+from visionloop.core.errors import InputError
+from visionloop.core.fsutil import atomic_write_bytes, atomic_write_json
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that is missing, corrupt or from another run."""
 
 

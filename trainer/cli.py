@@ -10,7 +10,7 @@ import argparse
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from trainer.config import TrainConfig, load_config
+from visionloop.trainer.config import TrainConfig, load_config
 
 # Flags whose help is worth more than the field name.
 _HELP = {
@@ -44,14 +44,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from trainer.train import run_training
+    from visionloop.trainer.train import run_training
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     cfg = load_config(args.config, overrides)
     version_dir = run_training(cfg)
     if version_dir is not None:
-        from core.manifest import ModelManifest
-        from trainer.train import format_selection
+        from visionloop.core.manifest import ModelManifest
+        from visionloop.trainer.train import format_selection
 
         selection = ModelManifest.load(version_dir).metrics.get("selection")
         if selection and "inherited_from" not in selection:
@@ -79,7 +79,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from trainer import fashion_mnist
+    from visionloop.trainer import fashion_mnist
 
     config = fashion_mnist.ScenarioConfig(
         out=args.out, minority=fashion_mnist.parse_minority(args.minority),

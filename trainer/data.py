@@ -18,10 +18,12 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as F
 
+from visionloop.core.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Input data that cannot be used, naming the path and the reason."""
 
 

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from core.db import open_wal, transaction
-from core.fsutil import sha256_file
-from core.manifest import Preprocessing
-from core.preprocess import preprocess_image
-from trainer.data import ImageListDataset, loader_workers
+from visionloop.core.db import open_wal, transaction
+from visionloop.core.fsutil import sha256_file
+from visionloop.core.manifest import Preprocessing
+from visionloop.core.preprocess import preprocess_image
+from visionloop.trainer.data import ImageListDataset, loader_workers
 
 log = logging.getLogger(__name__)
 

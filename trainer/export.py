@@ -13,7 +13,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from core.failpoints import failpoint
+from visionloop.core.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.fsutil import atomic_write_json
-from trainer.data import DataError
+from visionloop.core.fsutil import atomic_write_json
+from visionloop.trainer.data import DataError
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainer.metrics import classification_report
+from visionloop.trainer.metrics import classification_report
 
 
 def fit_linear_head(features: np.ndarray, labels: np.ndarray, prior: np.ndarray,

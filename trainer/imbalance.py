@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainer.config import IMBALANCE_METHODS as METHODS
+from visionloop.trainer.config import IMBALANCE_METHODS as METHODS
 
 
 def _check_counts(counts: list[int]) -> torch.Tensor:

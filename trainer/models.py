@@ -23,6 +23,8 @@ import torch
 import torchvision
 from torch import nn
 
+from visionloop.core.errors import InputError
+
 log = logging.getLogger(__name__)
 
 LITE0 = "efficientnet_lite0"
@@ -31,7 +33,7 @@ SMALL_CNN = "small_cnn"  # a from-scratch baseline for small images (bench/learn
 IMAGENET_CLASSES = 1000
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """An architecture or weights source that cannot be used."""
 
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from trainer.config import OPTIMIZERS, SCHEDULES
+from visionloop.trainer.config import OPTIMIZERS, SCHEDULES
 
 
 def parameter_groups(model: nn.Module, head_prefix: str, lr: float, backbone_lr_scale: float,

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from core.fsutil import atomic_write_text  # noqa: E402
+from visionloop.core.fsutil import atomic_write_text  # noqa: E402
 
 
 def plot_confusion(matrix: list[list[int]], classes: tuple[str, ...], path: Path) -> None:

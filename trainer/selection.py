@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from core.bootstrap import intervals, paired_difference
+from visionloop.core.bootstrap import intervals, paired_difference
 
 
 @dataclass(frozen=True)

@@ -20,18 +20,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from core.bootstrap import paired_difference
-from core.classes import minority_classes
-from core.fsutil import sha256_file
-from core.manifest import Artifact, ModelManifest, Preprocessing
-from core.model_store import ModelStore, StoreError
-from core.preprocess import preprocess_image
-from trainer import imbalance
-from trainer.augment import TrainTransform
-from trainer.calibration import calibrated_probabilities, fit_temperature
-from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from trainer.config import CANDIDATES, TrainConfig
-from trainer.data import (
+from visionloop.core.bootstrap import paired_difference
+from visionloop.core.classes import minority_classes
+from visionloop.core.fsutil import sha256_file
+from visionloop.core.manifest import Artifact, ModelManifest, Preprocessing
+from visionloop.core.model_store import ModelStore, StoreError
+from visionloop.core.preprocess import preprocess_image
+from visionloop.trainer import imbalance
+from visionloop.trainer.augment import TrainTransform
+from visionloop.trainer.calibration import calibrated_probabilities, fit_temperature
+from visionloop.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from visionloop.trainer.config import CANDIDATES, TrainConfig
+from visionloop.trainer.data import (
     DataError,
     ImageFolderIndex,
     ImageListDataset,
@@ -39,22 +39,22 @@ from trainer.data import (
     loader_workers,
     scan_image_folder,
 )
-from trainer.distributed import DistContext, init_distributed, shutdown
-from trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
-from trainer.engine import predict_logits, train_one_epoch
-from trainer.export import export_all
-from trainer.head import fit_head, logits_of, set_head
-from trainer.metrics import (
+from visionloop.trainer.distributed import DistContext, init_distributed, shutdown
+from visionloop.trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
+from visionloop.trainer.engine import predict_logits, train_one_epoch
+from visionloop.trainer.export import export_all
+from visionloop.trainer.head import fit_head, logits_of, set_head
+from visionloop.trainer.metrics import (
     classification_report,
     expected_calibration_error,
     minority_recall,
     reliability_table,
 )
-from trainer.models import build_model, set_backbone_trainable
-from trainer.optim import build_optimizer, build_scheduler, parameter_groups
-from trainer.report import write_report
-from trainer.sampling import EpochSampler
-from trainer.selection import (
+from visionloop.trainer.models import build_model, set_backbone_trainable
+from visionloop.trainer.optim import build_optimizer, build_scheduler, parameter_groups
+from visionloop.trainer.report import write_report
+from visionloop.trainer.sampling import EpochSampler
+from visionloop.trainer.selection import (
     CandidateScore,
     choose,
     estimated_seconds,

@@ -1,19 +1,21 @@
-"""The `visionloop` command: one entry point, a subcommand per job."""
+"""The `visionloop` command: one entry point, a subcommand per job.
+
+Errors a user can act on print one line on stderr and exit with their code (below); a bug
+prints its traceback and exits 1. --debug prints the traceback of every error."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
+import traceback
 
-from labeling import cli as labeling_cli
-from serving import cli as serving_cli
-from trainer import cli as trainer_cli
 from visionloop import loop_cli
-
-# Errors a user can fix from the message alone: printed without a traceback, exit code 2.
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError)
-
+from visionloop.core.errors import EXIT_CODES, DiskFull, InputError, UserError
+from visionloop.labeling import cli as labeling_cli
+from visionloop.serving import cli as serving_cli
+from visionloop.trainer import cli as trainer_cli
 
 # (subcommand, help, adds its arguments, runs it)
 COMMANDS = (
@@ -49,9 +51,14 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visionloop", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="visionloop", description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+        epilog="exit codes:\n" + "\n".join(f"  {code}  {meaning}"
+                                           for code, meaning in EXIT_CODES.items()))
     parser.add_argument("--version", action="version", version=f"visionloop {version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="debug logging, and the traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text, add_arguments, run in COMMANDS:
         command = sub.add_parser(name, help=help_text)
@@ -60,15 +67,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def as_user_error(exc: BaseException) -> UserError | None:
+    """The UserError an exception is, or stands for (the OS's own errors a user can fix)."""
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return DiskFull(f"no space left on the disk ({exc.filename or exc})",
+                        hint="free some space (df -h shows where) and run it again; "
+                             "nothing half-written was published")
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return InputError(f"{exc.filename}: no such file or directory")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if args.verbose or args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except USER_ERRORS as exc:
-        print(f"visionloop {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        error = as_user_error(exc)
+        if error is None:
+            raise  # a bug: its traceback, exit 1
+        if args.debug:
+            traceback.print_exc()
+        print(f"visionloop {args.command}: error: {error.one_line()}", file=sys.stderr)
+        return error.exit_code
 
 
 if __name__ == "__main__":

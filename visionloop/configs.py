@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.capture import CAPTURE_BELOW, CAPTURES_PER_MINUTE
+from visionloop.serving.capture import CAPTURE_BELOW, CAPTURES_PER_MINUTE
 
 RETRAIN_LEARNERS = ("champion", "auto", "head", "finetune")
 

@@ -34,31 +34,31 @@ from pathlib import Path
 
 import numpy as np
 
-from core.bootstrap import (
+from visionloop.configs import DemoConfig, RetrainConfig
+from visionloop.core.bootstrap import (
     Interval,
     intervals,
     intervals_of_mean,
     paired_difference,
     paired_difference_to_mean,
 )
-from core.manifest import ModelManifest
-from core.ports import free_loopback_ports
-from core.scenario import check_layout, read_pool
-from labeling import server as labelstudio_server
-from labeling.client import connect
-from labeling.project import FROM_NAME, TO_NAME, default_title, ensure_project
-from labeling.push import PushOptions, push
-from labeling.server import LabelStudioConfig
-from serving import server as torchserve_server
-from serving.archive import package
-from serving.capture import capture_policy
-from serving.handler import ServingConfig
-from serving.server import ServerConfig
-from trainer.config import TrainConfig
-from trainer.train import run_training
-from visionloop.configs import DemoConfig, RetrainConfig
+from visionloop.core.manifest import ModelManifest
+from visionloop.core.ports import free_loopback_ports
+from visionloop.core.scenario import check_layout, read_pool
 from visionloop.demo_report import write_report
+from visionloop.labeling import server as labelstudio_server
+from visionloop.labeling.client import connect
+from visionloop.labeling.project import FROM_NAME, TO_NAME, default_title, ensure_project
+from visionloop.labeling.push import PushOptions, push
+from visionloop.labeling.server import LabelStudioConfig
 from visionloop.retrain import evaluate, held_out_samples, retrain_once
+from visionloop.serving import server as torchserve_server
+from visionloop.serving.archive import package
+from visionloop.serving.capture import capture_policy
+from visionloop.serving.handler import ServingConfig
+from visionloop.serving.server import ServerConfig
+from visionloop.trainer.config import TrainConfig
+from visionloop.trainer.train import run_training
 
 log = logging.getLogger("visionloop.demo")
 DEMO_MARKER = ".visionloop-demo"

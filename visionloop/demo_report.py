@@ -10,8 +10,8 @@ from pathlib import Path
 
 import matplotlib
 
-from core.bootstrap import Interval
-from core.fsutil import atomic_write_text
+from visionloop.core.bootstrap import Interval
+from visionloop.core.fsutil import atomic_write_text
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -76,7 +76,7 @@ def _draws_section(draws: list[dict], comparison: dict, loop) -> list[str]:
 def _champion_section(selection: dict | None) -> list[str]:
     if not selection:
         return []
-    from trainer.train import format_selection
+    from visionloop.trainer.train import format_selection
 
     return ["", f"The champion's learner, chosen by `--learner auto` on val/ "
                 f"({selection['seconds']:.0f} s for all candidates):", "", "```",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.bootstrap import LEVEL, paired_difference
+from visionloop.core.bootstrap import LEVEL, paired_difference
 
 
 @dataclass(frozen=True)

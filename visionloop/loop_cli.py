@@ -12,11 +12,11 @@ import os
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
-from core.lock import LockBusy
-from labeling.cli import add_server_arguments, server_config
-from serving.server import ServerConfig
-from trainer.config import LEARNERS
 from visionloop.configs import RETRAIN_LEARNERS, DemoConfig, RetrainConfig
+from visionloop.core.lock import LockBusy
+from visionloop.labeling.cli import add_server_arguments, server_config
+from visionloop.serving.server import ServerConfig
+from visionloop.trainer.config import LEARNERS
 
 _TYPES = {"int": int, "int | None": int, "float": float, "Path": Path, "Path | None": Path,
           "str": str}
@@ -57,10 +57,10 @@ TORCHSERVE_URLS_ENV = "VISIONLOOP_TORCHSERVE_URLS"  # compose's replicas profile
 
 
 def run_retrain(args: argparse.Namespace) -> int:
-    from core.schedule import parse_duration, run_every
-    from labeling.client import LabelStudioUnavailable
-    from serving.promote import RolloutIncomplete, replica_configs
+    from visionloop.core.schedule import parse_duration, run_every
+    from visionloop.labeling.client import LabelStudioUnavailable
     from visionloop.retrain import retrain_once
+    from visionloop.serving.promote import RolloutIncomplete, replica_configs
 
     cfg = RetrainConfig(**{f.name: getattr(args, f.name) for f in fields(RetrainConfig)})
     labelstudio = server_config(args)

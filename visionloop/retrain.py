@@ -27,33 +27,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.failpoints import failpoint
-from core.fsutil import atomic_write_json
-from core.manifest import ModelManifest
-from core.model_store import ModelStore
-from core.registry import Decision, Registry
-from labeling.client import connect
-from labeling.project import default_title, ensure_project
-from labeling.pull import pull
-from labeling.server import LabelStudioConfig
-from serving import server
-from serving.archive import package
-from serving.capture import capture_policy
-from serving.handler import ServingConfig
-from serving.offline import InProcessModel
-from serving.promote import (
+from visionloop.configs import RetrainConfig
+from visionloop.core.failpoints import failpoint
+from visionloop.core.fsutil import atomic_write_json
+from visionloop.core.manifest import ModelManifest
+from visionloop.core.model_store import ModelStore
+from visionloop.core.registry import Decision, Registry
+from visionloop.gate import GateRule, decide
+from visionloop.labeling.client import connect
+from visionloop.labeling.project import default_title, ensure_project
+from visionloop.labeling.pull import pull
+from visionloop.labeling.server import LabelStudioConfig
+from visionloop.serving import server
+from visionloop.serving.archive import package
+from visionloop.serving.capture import capture_policy
+from visionloop.serving.handler import ServingConfig
+from visionloop.serving.offline import InProcessModel
+from visionloop.serving.promote import (
     RolloutIncomplete,
     describe,
     promote,
     roll_out,
     serving_versions,
 )
-from serving.server import ServerConfig
-from trainer.config import TrainConfig
-from trainer.metrics import classification_report, expected_calibration_error
-from trainer.train import run_training
-from visionloop.configs import RetrainConfig
-from visionloop.gate import GateRule, decide
+from visionloop.serving.server import ServerConfig
+from visionloop.trainer.config import TrainConfig
+from visionloop.trainer.metrics import classification_report, expected_calibration_error
+from visionloop.trainer.train import run_training
 
 log = logging.getLogger(__name__)
 
