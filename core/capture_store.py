@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from visionloop.core.capture_spool import ROW_FIELDS, CaptureSpool, new_key
 from visionloop.core.db import open_wal, transaction
+from visionloop.core.errors import InputError
 from visionloop.core.reply import Prediction
 
 DB_FILE = "captures.sqlite3"
@@ -124,7 +125,7 @@ def database_url(root: str | Path, url: str | None = None) -> str:
         return f"sqlite:///{(Path(root) / DB_FILE).resolve()}"
     scheme = urlsplit(url).scheme
     if scheme not in ("sqlite", "postgresql", "postgres"):
-        raise ValueError(f"capture database must be sqlite:///PATH or postgresql://..., "
+        raise InputError(f"capture database must be sqlite:///PATH or postgresql://..., "
                          f"got {redacted(url)!r}")
     return url
 

@@ -72,7 +72,9 @@ class ModelStore:
             return version
         latest = self.latest_version(name)
         if latest is None:
-            raise StoreError(f"model {name!r} has no versions in {self.root}")
+            raise StoreError(f"model {name!r} has no versions in {self.root}",
+                             hint=f"train one first: visionloop train --data FOLDER --name "
+                                  f"{name} --store {self.root}")
         return latest
 
     def load_manifest(self, name: str, version: str) -> ModelManifest:

@@ -7,6 +7,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from visionloop.core.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -16,9 +18,9 @@ def parse_duration(text: str) -> float:
     try:
         value, unit = float(text[:-1]), units[text[-1]]
     except (KeyError, ValueError, IndexError):
-        raise ValueError(f"duration {text!r}: use a number and s, m, h or d (e.g. 30m)") from None
+        raise InputError(f"duration {text!r}: use a number and s, m, h or d (e.g. 30m)") from None
     if value <= 0:
-        raise ValueError(f"duration must be positive, got {text!r}")
+        raise InputError(f"duration must be positive, got {text!r}")
     return value * unit
 
 

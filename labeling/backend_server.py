@@ -22,6 +22,7 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from visionloop.core.errors import InputError
 from visionloop.labeling.backend_auth import SECRET_HEADER, authorised
 from visionloop.labeling.events import ANNOTATION_EVENTS, START_TRAINING, RetrainTrigger
 from visionloop.labeling.predictor import Predictor
@@ -37,7 +38,7 @@ class BackendServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], predictor: Predictor | None,
                  trigger: RetrainTrigger, secret: str) -> None:
         if len(secret) < 16:
-            raise ValueError("the backend's shared secret must have at least 16 characters")
+            raise InputError("the backend's shared secret must have at least 16 characters")
         super().__init__(address, _Handler)
         self.predictor, self.trigger, self.secret = predictor, trigger, secret
         self.predict_lock = threading.Lock()  # one model, one batch at a time

@@ -15,6 +15,7 @@ import signal
 from dataclasses import asdict
 from pathlib import Path
 
+from visionloop.core.errors import InputError
 from visionloop.core.model_store import ModelStore
 from visionloop.core.registry import resolve
 from visionloop.labeling import server
@@ -31,7 +32,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Label Studio data dir: database, media, credentials")
     parser.add_argument("--labelstudio-host", default=LabelStudioConfig.host,
                         help="where Label Studio listens (we bind it here when we start it)")
-    parser.add_argument("--labelstudio-port", type=int, default=LabelStudioConfig.port)
+    parser.add_argument("--labelstudio-port", type=int, default=LabelStudioConfig.port,
+                        help="Label Studio's port")
+    parser.add_argument("--labelstudio-url",
+                        help="a Label Studio run elsewhere, http(s)://HOST[:PORT] (replaces "
+                             f"host and port; also ${server.URL_ENV}); its key: "
+                             f"${server.API_KEY_ENV}")
     parser.add_argument("--capture-dir", type=Path, default=LabelStudioConfig.files_root,
                         help="the capture store (Label Studio serves its images)")
 
@@ -39,7 +45,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 def server_config(args: argparse.Namespace) -> LabelStudioConfig:
     return LabelStudioConfig(data_dir=args.labelstudio_dir, host=args.labelstudio_host,
                              port=args.labelstudio_port, files_root=args.capture_dir,
-                             database_url=os.environ.get(server.DATABASE_ENV) or None)
+                             database_url=os.environ.get(server.DATABASE_ENV) or None,
+                             external_url=args.labelstudio_url)
 
 
 def add_labelstudio_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +56,9 @@ def add_labelstudio_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_labelstudio(args: argparse.Namespace) -> int:
     cfg = server_config(args)
+    if cfg.external_url and args.action != "status":
+        raise InputError(f"{cfg.url} is a Label Studio run elsewhere (--labelstudio-url, "
+                         f"${server.URL_ENV}); it is started and stopped there")
     if args.action == "start":
         pid = server.start(cfg)
         print(f"Label Studio on {cfg.url} (pid {pid}); user {cfg.username}, "
@@ -61,9 +71,10 @@ def run_labelstudio(args: argparse.Namespace) -> int:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", default="fashion", help="model name in the store")
-    parser.add_argument("--store", type=Path, default=Path("model_store"))
-    parser.add_argument("--version", default="champion",
+    parser.add_argument("--name", default="classifier", help="model name in the store")
+    parser.add_argument("--store", type=Path, default=Path("model_store"),
+                        help="the model store: one folder per model, one per version")
+    parser.add_argument("--model-version", "--version", dest="version", default="champion",
                         help="model version: champion (the one serving), latest or vN")
     parser.add_argument("--project", help="Label Studio project title "
                                           "(default: 'visionloop NAME')")
@@ -75,12 +86,17 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="label_action", required=True)
     push = sub.add_parser("push", help="send the most useful uncertain captures as tasks")
     push.add_argument("--budget", type=int, required=True, help="most tasks to create")
-    push.add_argument("--strategy", choices=STRATEGIES, default="class_balanced")
+    push.add_argument("--strategy", choices=STRATEGIES, default="class_balanced",
+                      help="how the budget is spent: class_balanced keeps a share for likely "
+                           "minority classes, the rest by uncertainty")
     push.add_argument("--minority-share", type=float, default=0.5,
                       help="class_balanced: share of the budget kept for minority classes")
-    push.add_argument("--transport", choices=TRANSPORTS, default="local-files")
+    push.add_argument("--transport", choices=TRANSPORTS, default="local-files",
+                      help="how Label Studio gets the images: local-files serves them from "
+                           "the capture dir, upload sends them")
     push.add_argument("--near-duplicate-correlation", type=float,
-                      default=NEAR_DUPLICATE_CORRELATION)
+                      default=NEAR_DUPLICATE_CORRELATION,
+                      help="captures this correlated with one already chosen are skipped")
     push.add_argument("--seed", type=int, default=0, help="for --strategy random")
     push.add_argument("--capture-database", metavar="URL",
                       help="the capture index the replicas write (postgresql://...; default: "
@@ -90,8 +106,10 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
                            "--budget new tasks")
     pull = sub.add_parser("pull", help="bring finished annotations back as training data")
     backend = sub.add_parser("backend", help="serve the ML backend and the webhook receiver")
-    backend.add_argument("--host", default="127.0.0.1")
-    backend.add_argument("--port", type=int, default=9090)
+    backend.add_argument("--backend-host", "--host", dest="host", default="127.0.0.1",
+                         help="where the ML backend listens")
+    backend.add_argument("--backend-port", "--port", dest="port", type=int, default=9090,
+                         help="the ML backend's port")
     backend.add_argument("--retrain-threshold", type=int, default=50,
                          help="annotation events that start --retrain-command")
     backend.add_argument("--retrain-command", default=None,
@@ -105,7 +123,8 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
         add_server_arguments(command)
     status = sub.add_parser("status", help="per-annotator answers and agreement, from the "
                                            "last pull (no Label Studio needed)")
-    status.add_argument("--labels-dir", type=Path, default=Path("labels"))
+    status.add_argument("--labels-dir", type=Path, default=Path("labels"),
+                        help="pulled labels: labels.sqlite3 and an ImageFolder tree")
 
 
 def _project(args: argparse.Namespace, client):
@@ -210,5 +229,5 @@ def run_label(args: argparse.Namespace) -> int:
         return run(args)
     except LabelStudioUnavailable as exc:
         # nothing was recorded that did not arrive: the next run catches up
-        print(f"visionloop label {args.label_action}: {exc}; nothing lost, run it again")
-        return 3
+        raise LabelStudioUnavailable(f"{exc}; nothing lost",
+                                     hint="run it again once Label Studio answers") from exc

@@ -15,7 +15,7 @@ import httpx
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
-from visionloop.core.errors import ServiceUnavailable
+from visionloop.core.errors import AccessDenied, ServiceUnavailable
 from visionloop.labeling.server import LabelStudioConfig, api_token
 
 # the SDK logs every request at INFO through httpx
@@ -27,20 +27,34 @@ class LabelStudioUnavailable(ServiceUnavailable, RuntimeError):
 
 
 def connect(cfg: LabelStudioConfig, timeout: float = 30.0) -> LabelStudio:
-    return LabelStudio(base_url=cfg.url, api_key=api_token(cfg), timeout=timeout)
+    """A client whose server answered and accepted the key: one call now, so a command
+    fails before it changes anything when Label Studio is down or refuses the key."""
+    client = LabelStudio(base_url=cfg.url, api_key=api_token(cfg), timeout=timeout)
+    with unavailable_as_error(f"connecting to Label Studio at {cfg.url}"):
+        client.users.whoami()
+    return client
 
 
 @contextlib.contextmanager
 def unavailable_as_error(action: str) -> Iterator[None]:
-    """Re-raise connection failures and 5xx answers as LabelStudioUnavailable."""
+    """Re-raise connection failures and 5xx answers as LabelStudioUnavailable, a refused
+    key (401, 403) as AccessDenied."""
     try:
         yield
     except httpx.TransportError as exc:
-        raise LabelStudioUnavailable(f"{action}: Label Studio unreachable ({exc})") from exc
+        raise LabelStudioUnavailable(
+            f"{action}: Label Studio unreachable ({exc})",
+            hint="start it (visionloop labelstudio start) or point LABEL_STUDIO_URL at it; "
+                 "nothing was lost") from exc
     except ApiError as exc:
         if exc.status_code is not None and exc.status_code >= 500:
             raise LabelStudioUnavailable(f"{action}: Label Studio answered "
                                          f"{exc.status_code}") from exc
+        if exc.status_code in (401, 403):
+            raise AccessDenied(
+                f"{action}: Label Studio refused the API key ({exc.status_code})",
+                hint="set LABEL_STUDIO_API_KEY to a valid token (Account & Settings in "
+                     "Label Studio)") from exc
         raise
 
 

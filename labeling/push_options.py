@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from visionloop.core.errors import InputError
 from visionloop.labeling.dedupe import NEAR_DUPLICATE_CORRELATION
 
 TRANSPORTS = ("local-files", "base64")
@@ -24,6 +25,6 @@ class PushOptions:
 
     def __post_init__(self) -> None:
         if self.budget < 0:
-            raise ValueError(f"budget must be >= 0, got {self.budget}")
+            raise InputError(f"budget must be >= 0, got {self.budget}")
         if self.transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+            raise InputError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")

@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from visionloop.core.errors import ServiceUnavailable
+from visionloop.core.errors import InputError, ServiceUnavailable
 from visionloop.core.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,21 @@ class LabelStudioConfig:
     # None: SQLite in data_dir (one machine). postgresql://user:password@host:port/name:
     # PostgreSQL (several annotators, a server that outlives the box); never logged
     database_url: str | None = None
+    # A Label Studio run elsewhere (http:// or https://; $LABEL_STUDIO_URL, the SDK's own
+    # name): used as is instead of host and port, and never started or stopped by us.
+    external_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.external_url is not None:
+            parts = urllib.parse.urlsplit(self.external_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise InputError(f"the Label Studio URL must be http(s)://HOST[:PORT][/PATH], "
+                                 f"got {self.external_url!r}")
 
     @property
     def url(self) -> str:
+        if self.external_url:
+            return self.external_url.rstrip("/")
         return f"http://{self.host}:{self.port}"
 
     @property
@@ -95,13 +107,22 @@ def credentials(cfg: LabelStudioConfig) -> dict[str, str]:
     return created
 
 
-TOKEN_ENV = "VISIONLOOP_LABELSTUDIO_TOKEN"
+URL_ENV = "LABEL_STUDIO_URL"  # the names label-studio-sdk's own users know
+API_KEY_ENV = "LABEL_STUDIO_API_KEY"
+TOKEN_ENV = "VISIONLOOP_LABELSTUDIO_TOKEN"  # the older name, still read
 
 
 def api_token(cfg: LabelStudioConfig) -> str:
     """The token from the environment (a Label Studio run elsewhere, e.g. docker compose),
     else the one generated for the server we run."""
-    return os.environ.get(TOKEN_ENV) or credentials(cfg)["token"]
+    token = os.environ.get(API_KEY_ENV) or os.environ.get(TOKEN_ENV)
+    if token:
+        return token
+    if cfg.external_url and not cfg.credentials_file.exists():
+        raise InputError(f"no API key for the Label Studio at {cfg.url}",
+                         hint=f"set {API_KEY_ENV} to the token shown in its Account & "
+                              "Settings page")
+    return credentials(cfg)["token"]
 
 
 BACKEND_SECRET_ENV = "VISIONLOOP_BACKEND_SECRET"

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from visionloop.core.errors import InputError
+
 STRATEGIES = ("least_confidence", "margin", "entropy", "class_balanced", "minority_boundary",
               "random")
 
@@ -125,10 +127,10 @@ def rank(probs: np.ndarray, strategy: str, *, budget: int, minority: list[int] |
         return _descending(entropy(probs))
     if strategy in RESERVING:
         if not 0.0 <= minority_share <= 1.0:
-            raise ValueError(f"minority share must be within [0, 1], got {minority_share}")
+            raise InputError(f"minority share must be within [0, 1], got {minority_share}")
         if not minority or budget <= 0:  # nothing to reserve places for: least confidence
             return _descending(least_confidence(probs))
         return RESERVING[strategy](probs, list(minority), budget, minority_share)
     if strategy == "random":
         return np.random.default_rng(seed).permutation(len(probs))
-    raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    raise InputError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import yaml
 
+from visionloop.core.errors import InputError
 from visionloop.core.manifest import ModelManifest
 from visionloop.serving.handler import SERVING_CONFIG, ServingConfig
-from visionloop.serving.settings import ServingSettings
+from visionloop.serving.settings import BACKENDS, ServingSettings
 
-BACKENDS = {"torchscript": "torchscript", "onnx": "onnx", "onnx-fp16": "onnx_fp16"}
 HANDLER = Path(__file__).with_name("handler.py")
 
 
@@ -37,9 +37,9 @@ def package(version_dir: Path, export_dir: Path, backend: str = "torchscript",
         else max_batch_delay_ms
     workers = settings.workers if workers is None else workers
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise InputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if batch_size < 1 or max_batch_delay_ms < 0 or workers < 1:
-        raise ValueError("batch_size and workers must be >= 1 and max_batch_delay_ms >= 0")
+        raise InputError("batch_size and workers must be >= 1 and max_batch_delay_ms >= 0")
     manifest = ModelManifest.load(version_dir)
     artifact = manifest.artifact_path(version_dir, BACKENDS[backend])
     manifest.verify(version_dir, [BACKENDS[backend]])  # never serve a damaged file

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from visionloop.core.capture_spool import SPOOL_MAX_BYTES, CaptureSpool, SpoolFull
 from visionloop.core.capture_store import CaptureStore, CaptureStoreError
+from visionloop.core.errors import InputError
 from visionloop.core.manifest import ModelManifest
 from visionloop.core.reply import Prediction, Uncertainty
 
@@ -56,7 +57,7 @@ def capture_policy(manifest: ModelManifest, max_confidence: float | None = CAPTU
         always_classes = manifest.minority_classes
     unknown = sorted(set(always_classes) - set(manifest.classes))
     if unknown:
-        raise ValueError(f"capture classes {unknown} are not classes of the model; "
+        raise InputError(f"capture classes {unknown} are not classes of the model; "
                          f"it has {list(manifest.classes)}")
     return CapturePolicy(max_confidence=max_confidence, per_minute=per_minute,
                          always_classes=tuple(always_classes))

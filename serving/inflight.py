@@ -24,6 +24,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from visionloop.core.errors import InputError
+
 INFLIGHT_ENV = "VISIONLOOP_INFLIGHT_DIR"  # set by serving.server for the workers
 REPLICA_ENV = "VISIONLOOP_REPLICA"  # this TorchServe's name as its promoter knows it
 INFLIGHT_DIR = ".inflight"
@@ -37,7 +39,7 @@ def replica_name(host: str, management_port: int) -> str:
 def inflight_dir(model_store: Path, replica: str) -> Path:
     """Where the workers of one TorchServe replica mark their batches."""
     if not replica or "/" in replica or replica in (".", ".."):
-        raise ValueError(f"a replica's name is HOST:PORT, got {replica!r}")
+        raise InputError(f"a replica's name is HOST:PORT, got {replica!r}")
     return Path(model_store) / INFLIGHT_DIR / replica
 
 

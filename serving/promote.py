@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from visionloop.core.errors import Incomplete, InputError
 from visionloop.core.failpoints import failpoint
 from visionloop.serving.archive_check import check_archive
 from visionloop.serving.inflight import replica_name, running_batches
@@ -127,13 +128,13 @@ def replica_configs(management_urls: list[str], model_store: Path,
     for url in management_urls:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname or not parts.port:
-            raise ValueError(f"a TorchServe management URL is http://HOST:PORT, got {url!r}")
+            raise InputError(f"a TorchServe management URL is http://HOST:PORT, got {url!r}")
         replicas.append(ServerConfig(host=parts.hostname, management_port=parts.port,
                                      model_store=Path(model_store),
                                      home=token_auth_home or ServerConfig.home,
                                      token_auth=token_auth_home is not None))
     if len({r.url("management") for r in replicas}) != len(replicas):
-        raise ValueError(f"a replica is named twice in {management_urls}")
+        raise InputError(f"a replica is named twice in {management_urls}")
     return replicas
 
 
@@ -148,7 +149,7 @@ def describe(serving: dict[str, list[str] | None]) -> str:
                      for url, versions in serving.items())
 
 
-class RolloutIncomplete(ServerError):
+class RolloutIncomplete(Incomplete, ServerError):
     """A promotion across replicas stopped before every replica served the version."""
 
     def __init__(self, version: str, reason: str, serving: dict[str, list[str] | None]) -> None:

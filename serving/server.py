@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from visionloop.core.capture_store import DATABASE_ENV
-from visionloop.core.errors import ServiceUnavailable
+from visionloop.core.errors import MissingDependency, ServiceUnavailable
 from visionloop.serving.archive_check import check_archive
 from visionloop.serving.inflight import INFLIGHT_ENV, REPLICA_ENV, inflight_dir, replica_name
 from visionloop.serving.settings import ServingSettings
@@ -132,8 +133,17 @@ def management_json(cfg: ServerConfig, path: str, method: str = "GET",
     """A management API call, with the management key when token auth is on."""
     request = urllib.request.Request(f"{cfg.url('management')}{path}", method=method,
                                      headers=auth_headers(cfg, "management"))
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read() or b"{}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError:
+        raise  # it answered: the caller reads the status
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ServerError(f"TorchServe's management API at {cfg.url('management')} does not "
+                          f"answer ({reason})",
+                          hint="start it (visionloop serve start) or pass its URL "
+                               "(--torchserve-url)") from exc
 
 
 def management_reachable(cfg: ServerConfig) -> bool:
@@ -167,7 +177,18 @@ def wait_ready(cfg: ServerConfig, models: list[str], timeout: float = 120.0) -> 
                       f"see {cfg.home / 'logs' / 'model_log.log'}")
 
 
+def require_java() -> None:
+    """TorchServe's frontend is a Java program: fail now, not after a 30 s wait for a pid."""
+    java_home = os.environ.get("JAVA_HOME")
+    if shutil.which("java") is None and not (java_home and Path(java_home, "bin", "java").exists()):
+        raise MissingDependency(
+            "TorchServe needs Java 11 or newer, and no java is on PATH (nor in $JAVA_HOME)",
+            hint="install a JRE (Debian: apt-get install openjdk-17-jre-headless, or "
+                 "make java) and run it again")
+
+
 def _command(cfg: ServerConfig, models: dict[str, str], *flags: str) -> list[str]:
+    require_java()
     cfg.tmp.mkdir(parents=True, exist_ok=True)
     cfg.capture_dir.mkdir(parents=True, exist_ok=True)
     config = write_config(cfg)
@@ -227,6 +248,6 @@ def status(cfg: ServerConfig) -> dict:
     if pid is not None:
         try:
             result["models"] = management_json(cfg, "/models")
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, OSError, ValueError, ServerError) as exc:
             result["models_error"] = str(exc)
     return result

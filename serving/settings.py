@@ -20,6 +20,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from visionloop.core.errors import InputError
+
+# --backend: the artifact an archive serves -> its name in the manifest
+BACKENDS = {"torchscript": "torchscript", "onnx": "onnx", "onnx-fp16": "onnx_fp16"}
+
 PREFIX = "VISIONLOOP_TS_"
 
 
@@ -37,7 +42,7 @@ def token_auth_from_env(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     auth = env.get(PREFIX + "TOKEN_AUTH", "")
     if auth not in ("", "0", "1"):
-        raise ValueError(f"{PREFIX}TOKEN_AUTH must be 0 or 1, got {auth!r}")
+        raise InputError(f"{PREFIX}TOKEN_AUTH must be 0 or 1, got {auth!r}")
     return auth == "1"
 
 
@@ -72,9 +77,9 @@ class ServingSettings:
             try:
                 value = int(raw)
             except ValueError:
-                raise ValueError(f"{PREFIX}{name} must be an integer, got {raw!r}") from None
+                raise InputError(f"{PREFIX}{name} must be an integer, got {raw!r}") from None
             if value < least:
-                raise ValueError(f"{PREFIX}{name} must be >= {least}, got {value}")
+                raise InputError(f"{PREFIX}{name} must be >= {least}, got {value}")
             return value
 
         return cls(workers=integer("WORKERS", base.workers, 1),

@@ -11,7 +11,7 @@ from visionloop.trainer.data import (
     load_image_tensor,
     scan_image_folder,
 )
-from visionloop.trainer.train import _hold_out
+from visionloop.trainer.splits import hold_out as _hold_out
 
 
 def count_files(folder):

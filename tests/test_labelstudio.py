@@ -624,4 +624,7 @@ def test_cli_push_pull_and_an_unreachable_server(labelstudio, trained_version,
     closed_port = str(free_loopback_ports(1)[0])  # nothing listens there
     down = run_cli("label", "pull", *common[:-6], "--labelstudio-port", closed_port,
                    "--capture-dir", str(labelstudio.files_root), "--labels-dir", str(tmp_path))
-    assert down.returncode == 3 and "nothing lost" in down.stdout
+    assert down.returncode == 3 and "nothing lost" in down.stderr, down.stderr
+    assert "Traceback" not in down.stderr
+    assert [line for line in down.stderr.splitlines() if "error:" in line] == [
+        down.stderr.strip().splitlines()[-1]]

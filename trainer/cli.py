@@ -10,44 +10,46 @@ import argparse
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from visionloop.trainer.config import TrainConfig, load_config
+from visionloop.core.field_docs import field_comments
+from visionloop.trainer.config import CHOICES, TrainConfig, load_config
 
-# Flags whose help is worth more than the field name.
+# the flag other commands give the same setting comes first; the field's own name stays
+_FLAGS = {"out": ("--store", "--out")}
+# what the field's comment does not say on a command line
 _HELP = {
-    "data": "ImageFolder root with train/ (and optional val/, test/)",
     "weights": "DEFAULT (pretrained), none (random init) or a state_dict file path",
     "parent": "warm start from this version of --name (e.g. v3, or 'latest')",
-    "imbalance": "none | oversample | class_balanced | logit_adjust",
     "minority": "comma-separated class names reported as minority (default: detected)",
-    "augment": "none | light | standard | strong",
     "extra_train": "comma-separated ImageFolder trees added to train/ (e.g. labels/images)",
-    "learner": "auto (try the candidates, keep the best on val/) | head | finetune",
     "candidates": "comma-separated, what --learner auto tries, in order",
-    "budget_s": "seconds --learner auto may spend; a candidate estimated not to fit is skipped",
-    "tune": "what a finetune trains of the backbone: all | last_blocks | norms_biases",
 }
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; unset flags stay None so file defaults apply."""
-    parser.add_argument("--config", help="YAML/JSON file of options; flags override it")
+    """One flag per TrainConfig field, its help from the field's comment."""
+    comments = field_comments(TrainConfig)
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = "" if f.default is MISSING else f" (default: {f.default})"
-        help_text = _HELP.get(f.name, f.name.replace("_", " ")) + default
+        flags = _FLAGS.get(f.name, ("--" + f.name.replace("_", "-"),))
+        default = None if f.default is MISSING else f.default
+        if isinstance(default, tuple):
+            default = ",".join(default) or None
+        help_text = _HELP.get(f.name) or comments.get(f.name, f.name.replace("_", " "))
+        help_text = help_text.replace("%", "%%")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
-        parser.add_argument(flag, type=kind, default=None, help=help_text)
+        parser.add_argument(*flags, dest=f.name, type=kind, default=default,
+                            choices=CHOICES.get(f.name), required=f.default is MISSING,
+                            help=help_text)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from visionloop.trainer.train import run_training
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(None, overrides)  # the CLI read the config file (visionloop.settings)
     version_dir = run_training(cfg)
     if version_dir is not None:
         from visionloop.core.manifest import ModelManifest
@@ -63,17 +65,23 @@ def run_train(args: argparse.Namespace) -> int:
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dataset", required=True)
     fm = sub.add_parser("fashion-mnist", help="build the long-tailed Fashion-MNIST scenario")
-    fm.add_argument("--out", required=True, type=Path)
-    fm.add_argument("--imbalance-ratio", type=float, default=100.0)
+    fm.add_argument("--out", required=True, type=Path,
+                    help="the scenario's folder (train/ val/ test/ pool/), then train's --data")
+    fm.add_argument("--imbalance-ratio", type=float, default=100.0,
+                    help="a majority class has this many times a minority class's images")
     fm.add_argument("--pool-imbalance-ratio", type=float, default=None,
                     help="default: the same as --imbalance-ratio (a production-like pool)")
     fm.add_argument("--minority", required=True,
                     help="class names or indices, e.g. coat,sandal,bag")
-    fm.add_argument("--train-per-class", type=int, default=1000)
-    fm.add_argument("--pool-per-class", type=int, default=1000)
-    fm.add_argument("--val-per-class", type=int, default=100)
-    fm.add_argument("--test-per-class", type=int, default=500)
-    fm.add_argument("--seed", type=int, default=0)
+    fm.add_argument("--train-per-class", type=int, default=1000,
+                    help="train/ images of a majority class")
+    fm.add_argument("--pool-per-class", type=int, default=1000,
+                    help="unlabelled pool/ images of a majority class")
+    fm.add_argument("--val-per-class", type=int, default=100,
+                    help="val/ images per class (balanced)")
+    fm.add_argument("--test-per-class", type=int, default=500,
+                    help="test/ images per class (balanced, from the official test set)")
+    fm.add_argument("--seed", type=int, default=0, help="seeds which images go where")
     fm.add_argument("--source-dir", type=Path, default=None,
                     help="folder with the *-ubyte.gz files (default: the Debian package's)")
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from visionloop.core.errors import InputError
+
 # The option vocabularies live here, with the config, so that reading or validating a
 # config (and building the CLI's parser) needs no torch; the modules that implement them
 # import these names.
@@ -43,11 +45,16 @@ CANDIDATES: dict[str, dict] = {
 DEFAULT_ARCH = "efficientnet_lite0"
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
+CHOICES = {"augment": AUGMENT_PRESETS, "imbalance": IMBALANCE_METHODS, "optimizer": OPTIMIZERS,
+           "learner": LEARNERS, "tune": TUNE_MODES, "schedule": SCHEDULES,
+           "on_corrupt": ("fail", "skip"), "device": ("auto", "cuda", "cpu")}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str  # ImageFolder root holding train/ and optionally val/ and test/
+    # a folder of class folders (<class>/*.jpg: split into train/val/test here, by
+    # split_seed), or one already split: train/<class>/... and optionally val/ and test/
+    data: str
     # more labelled ImageFolder trees (e.g. pulled labels) added to train/; any subset of
     # train/'s classes
     extra_train: tuple[str, ...] = ()
@@ -56,7 +63,7 @@ class TrainConfig:
     base_per_class: int | None = None
     test_per_class: int | None = None  # cap test/ images per class (faster reports); None = all
     out: str = "model_store"  # model_store root; the new version lands in out/<name>/vN
-    name: str = "classifier"
+    name: str = "classifier"  # the model's name: its folder in the store, its URL in TorchServe
     arch: str = DEFAULT_ARCH  # or any torchvision classification model name (head, finetune)
     # auto: train each of `candidates` within `budget_s` and keep the best on val/
     # (trainer/selection.py); finetune: train backbone (what `tune` says) and head (epochs,
@@ -76,56 +83,62 @@ class TrainConfig:
     parent: str | None = None  # warm start from out/<name>/<parent> (e.g. "v3") or "latest"
     image_size: int = 64  # frozen Lite0 at 64 px: macro-F1 0.79 vs 0.75 at 32; 224 for photos
     crop_pct: float = 1.0  # resize = image_size / crop_pct before the centre crop
-    augment: str = "light"
+    augment: str = "light"  # finetune: the training images' random crops, flips, colour jitter
     epochs: int = 8  # bench/imbalance.py: 8 clearly beats 4 at 32 px
     freeze_epochs: int = 1  # train only the head for this many epochs first
-    batch_size: int = 64
-    optimizer: str = "adamw"
+    batch_size: int = 64  # images per training step
+    optimizer: str = "adamw"  # finetune: the optimiser
     lr: float = 2e-3  # the head's learning rate
     backbone_lr_scale: float = 0.25  # backbone lr = lr * this once unfrozen
     weight_decay: float = 0.05  # not applied to norm weights and biases
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.3
-    label_smoothing: float = 0.0
+    schedule: str = "cosine"  # finetune: the learning rate's decay after the warm-up
+    warmup_epochs: float = 0.3  # finetune: epochs of linear learning-rate warm-up
+    label_smoothing: float = 0.0  # finetune: the loss's label smoothing
     imbalance: str = "logit_adjust"  # best minority recall at equal macro-F1 in bench/imbalance.py
     minority: tuple[str, ...] = ()  # classes reported as minority; () = detected from counts
     early_stop_patience: int = 3  # epochs without a better val macro-F1
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC memory layout (faster convolutions on some GPUs)
     onnx_fp16: bool = False  # also export model.fp16.onnx (for GPU hosts)
-    device: str = "auto"
-    num_workers: int = 1
-    seed: int = 0
+    device: str = "auto"  # auto: CUDA where there is a GPU, else the CPU
+    num_workers: int = 1  # data-loading processes (0: in the training process)
+    seed: int = 0  # seeds the weights' init, sampling and augmentation
     on_corrupt: str = "fail"  # fail | skip unreadable images
-    val_fraction: float = 0.1  # of train/, held out when there is no val/
+    # the share of each class held out as val/: from train/ when there is no val/, or from
+    # a folder of class folders
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15  # the share of each class held out as test/ (class folders)
+    # orders the split of a folder of class folders: a retrain keeps its champion's, so the
+    # gate scores on the same val/
+    split_seed: int = 0
     work_dir: str | None = None  # checkpoints; default runs/<name>
     resume: bool = False  # continue from work_dir/last.pt
-    show_progress: bool = True
+    show_progress: bool = True  # a progress bar per epoch
 
     def __post_init__(self) -> None:
-        choices = {"augment": AUGMENT_PRESETS, "imbalance": IMBALANCE_METHODS,
-                   "optimizer": OPTIMIZERS, "learner": LEARNERS, "tune": TUNE_MODES,
-                   "schedule": SCHEDULES, "on_corrupt": ("fail", "skip"),
-                   "device": ("auto", "cuda", "cpu")}
-        for key, allowed in choices.items():
+        for key, allowed in CHOICES.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {', '.join(allowed)}, "
+                raise InputError(f"{key} must be one of {', '.join(allowed)}, "
                                  f"got {getattr(self, key)!r}")
         positive = ("image_size", "epochs", "batch_size", "lr")
         for key in positive:
             if not getattr(self, key) > 0:
-                raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
+                raise InputError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            raise InputError(f"val_fraction and test_fraction must be in (0, 1) with a sum "
+                             f"below 1, got {self.val_fraction} and {self.test_fraction}")
         if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+            raise InputError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.learner == "auto" and self.arch != DEFAULT_ARCH:
-            raise ValueError(f"--arch {self.arch} needs --learner head or finetune: the "
+            raise InputError(f"--arch {self.arch} needs --learner head or finetune: the "
                              "candidates of --learner auto set their own architectures")
         unknown = sorted(set(self.candidates) - set(CANDIDATES))
         if unknown or not self.candidates:
-            raise ValueError(f"candidates must be some of {', '.join(CANDIDATES)}, "
+            raise InputError(f"candidates must be some of {', '.join(CANDIDATES)}, "
                              f"got {list(self.candidates)}")
         if not 0 <= self.freeze_epochs <= self.epochs:
-            raise ValueError(f"freeze_epochs must be in [0, epochs], got {self.freeze_epochs}")
+            raise InputError(f"freeze_epochs must be in [0, epochs], got {self.freeze_epochs}")
 
     @property
     def resize(self) -> int:
@@ -145,17 +158,17 @@ def load_config(file: str | None, overrides: dict[str, Any]) -> TrainConfig:
     if file:
         loaded = yaml.safe_load(Path(file).read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"config file {file} must hold a mapping of option: value")
+            raise InputError(f"config file {file} must hold a mapping of option: value")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        raise InputError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
     required = [f.name for f in fields(TrainConfig)
                 if f.default is MISSING and f.name not in values]
     if required:
-        raise ValueError(f"missing required option(s): {required}")
+        raise InputError(f"missing required option(s): {required}")
     for f in fields(TrainConfig):  # lists: comma-separated on the command line
         items = values.get(f.name)
         if str(f.type).startswith("tuple") and isinstance(items, (list, str)):

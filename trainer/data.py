@@ -79,7 +79,7 @@ def scan_image_folder(root: str | Path, classes: tuple[str, ...] | None = None,
     subset: the tree may hold only some of the classes (labels pulled so far).
     """
     if on_corrupt not in ("fail", "skip"):
-        raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
+        raise InputError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}")
     root = Path(root)
     found = find_classes(root, minimum=0 if subset else 2)
     classes = classes or found

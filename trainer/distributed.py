@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from visionloop.core.errors import InputError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -52,9 +54,9 @@ def init_distributed(device_name: str = "auto") -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
     if device_name not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be auto, cuda or cpu, got {device_name!r}")
+        raise InputError(f"device must be auto, cuda or cpu, got {device_name!r}")
     if device_name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
+        raise InputError("--device cuda was asked for but no CUDA device is available")
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)

@@ -14,12 +14,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from visionloop.core.errors import InputError
 from visionloop.trainer.config import IMBALANCE_METHODS as METHODS
 
 
 def _check_counts(counts: list[int]) -> torch.Tensor:
     if any(c <= 0 for c in counts):
-        raise ValueError(f"every class needs at least one training image, counts are {counts}")
+        raise InputError(f"every class needs at least one training image, counts are {counts}")
     return torch.tensor(counts, dtype=torch.float64)
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from visionloop.core.bootstrap import paired_difference
 from visionloop.core.classes import minority_classes
+from visionloop.core.errors import InputError
 from visionloop.core.fsutil import sha256_file
 from visionloop.core.manifest import Artifact, ModelManifest, Preprocessing
 from visionloop.core.model_store import ModelStore, StoreError
@@ -33,11 +33,8 @@ from visionloop.trainer.checkpoint import CheckpointError, load_checkpoint, save
 from visionloop.trainer.config import CANDIDATES, TrainConfig
 from visionloop.trainer.data import (
     DataError,
-    ImageFolderIndex,
     ImageListDataset,
-    dataset_fingerprint,
     loader_workers,
-    scan_image_folder,
 )
 from visionloop.trainer.distributed import DistContext, init_distributed, shutdown
 from visionloop.trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
@@ -60,23 +57,11 @@ from visionloop.trainer.selection import (
     estimated_seconds,
     seconds_per_image,
 )
+from visionloop.trainer.splits import Splits, load_splits
 
 log = logging.getLogger(__name__)
 
 PARITY_BATCH = 16  # real test images used to verify each export
-
-
-@dataclass
-class Splits:
-    classes: tuple[str, ...]
-    train: list[tuple[Path, int]]
-    val: list[tuple[Path, int]]
-    test: list[tuple[Path, int]]
-    test_split: str  # which folder the reported metrics come from
-    calibration_split: str
-    fingerprint: str
-    train_counts: list[int] = field(default_factory=list)
-    base_train: int = 0  # train[:base_train] is the base data, the rest extra_train's labels
 
 
 @dataclass
@@ -107,79 +92,6 @@ class FitResult:
     best_state: dict[str, torch.Tensor]
     best_val_f1: float
     history: list[dict]
-
-
-def _hold_out(samples: list[tuple[Path, int]], fraction: float,
-              seed: int) -> tuple[list, list]:
-    """Stratified split: a fraction of every class (at least one, if it has two) goes to val."""
-    rng = random.Random(seed)
-    by_class: dict[int, list] = {}
-    for sample in samples:
-        by_class.setdefault(sample[1], []).append(sample)
-    keep, held = [], []
-    for items in by_class.values():
-        rng.shuffle(items)
-        n_val = max(1, round(fraction * len(items))) if len(items) >= 2 else 0
-        held += items[:n_val]
-        keep += items[n_val:]
-    return keep, held
-
-
-def _per_class_subset(samples: list[tuple[Path, int]], per_class: int | None,
-                      seed: int) -> list[tuple[Path, int]]:
-    if per_class is None:
-        return samples
-    rng = random.Random(seed)
-    by_class: dict[int, list] = {}
-    for sample in samples:
-        by_class.setdefault(sample[1], []).append(sample)
-    return [s for label in sorted(by_class)
-            for s in rng.sample(by_class[label], min(per_class, len(by_class[label])))]
-
-
-def load_splits(cfg: TrainConfig, classes: tuple[str, ...] | None = None) -> Splits:
-    root = Path(cfg.data)
-    if not (root / "train").is_dir():
-        raise DataError(f"{root} has no train/ folder (expected an ImageFolder tree: "
-                        "train/<class>/*.png, optional val/ and test/)")
-    train = scan_image_folder(root / "train", classes, cfg.on_corrupt)
-    classes = train.classes
-    indexes = [train]
-    base = _per_class_subset(train.samples, cfg.base_per_class, cfg.seed)
-    extra = []
-    for tree in cfg.extra_train:
-        index = scan_image_folder(tree, classes, cfg.on_corrupt, subset=True)
-        indexes.append(index)
-        extra += index.samples
-    optional: dict[str, ImageFolderIndex | None] = {}
-    for split in ("val", "test"):
-        folder = root / split
-        optional[split] = (scan_image_folder(folder, classes, cfg.on_corrupt)
-                           if folder.is_dir() else None)
-        indexes += [optional[split]] if optional[split] else []
-    train_samples, val_samples = base, None
-    calibration_split = "val/"
-    if optional["val"] is not None:
-        val_samples = optional["val"].samples
-    else:
-        train_samples, val_samples = _hold_out(base, cfg.val_fraction, cfg.seed)
-        calibration_split = f"{cfg.val_fraction:.0%} of train/ held out"
-    train_samples = train_samples + extra  # new labels train; they never become val
-    test = optional["test"]
-    test_samples = test.samples if test else val_samples
-    test_split = "test/" if test else f"{calibration_split} (no test/ given: optimistic)"
-    if cfg.test_per_class is not None:
-        test_samples = _per_class_subset(test_samples, cfg.test_per_class, cfg.seed)
-        test_split += f", {cfg.test_per_class} per class"
-    counts = [0] * len(classes)
-    for _, label in train_samples:
-        counts[label] += 1
-    return Splits(
-        classes=classes, train=train_samples, val=val_samples,
-        test=test_samples, test_split=test_split,
-        calibration_split=calibration_split, fingerprint=dataset_fingerprint(indexes),
-        train_counts=counts, base_train=len(train_samples) - len(extra),
-    )
 
 
 def prepare_model(cfg: TrainConfig, classes: tuple[str, ...], store: ModelStore,
@@ -337,6 +249,7 @@ def metrics_from_logits(val_logits: torch.Tensor, val_labels: torch.Tensor,
     return {
         "test": report, "test_split": splits.test_split,
         "calibration_split": splits.calibration_split, "temperature": temperature,
+        **({"splits_made": splits.made} if splits.made else {}),
         "minority": minority, "minority_recall": minority_recall(report, minority),
         # labeling reads these to know which classes still lack labelled examples
         "train_counts": dict(zip(splits.classes, splits.train_counts, strict=True)),
@@ -387,7 +300,7 @@ def train_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, splits:
     """Re-fit the linear head on cached embeddings of the frozen backbone; the model's head
     is set to it. Returns val and test logits and what was chosen."""
     if ctx.world_size > 1:
-        raise ValueError("the head learner runs in one process (it takes seconds); "
+        raise InputError("the head learner runs in one process (it takes seconds); "
                          "drop torchrun")
     fingerprint = backbone_fingerprint(start.model, start.head_prefix, start.arch,
                                        start.preprocessing)
@@ -563,7 +476,7 @@ def train_auto(cfg: TrainConfig, ctx: DistContext, splits: Splits, store: ModelS
     """Train each candidate that fits in the budget (the first always runs), pick one on
     val/ (trainer.selection) and record every candidate's scores and cost."""
     if ctx.world_size > 1:
-        raise ValueError("--learner auto runs in one process; name a learner for torchrun")
+        raise InputError("--learner auto runs in one process; name a learner for torchrun")
     started, trained, scores, rows = time.perf_counter(), {}, [], {}
     for name in cfg.candidates:
         candidate, init_from = candidate_config(cfg, name)

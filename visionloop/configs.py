@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from visionloop.core.errors import InputError
 from visionloop.serving.capture import CAPTURE_BELOW, CAPTURES_PER_MINUTE
 
 RETRAIN_LEARNERS = ("champion", "auto", "head", "finetune")
@@ -13,9 +14,13 @@ RETRAIN_LEARNERS = ("champion", "auto", "head", "finetune")
 
 @dataclass(frozen=True)
 class RetrainConfig:
-    name: str = "fashion"
-    store: Path = Path("model_store")
-    data: Path = Path("data/fashion-mnist-lt")  # base ImageFolder: train/, val/, test/
+    name: str = "classifier"  # the model in the store
+    store: Path = Path("model_store")  # the model store: one folder per model, one per version
+    # the base data (a folder of class folders, or train/ val/ test/); None: the one the
+    # champion was trained on. The gate scores on its val split
+    data: Path | None = None
+    project: str | None = None  # the Label Studio project's title; None: 'visionloop NAME'
+
     labels_dir: Path = Path("labels")  # what `visionloop label pull` writes
     capture_dir: Path = Path("captures")
     pull: bool = True  # pull from Label Studio first (off: use labels_dir as it is)
@@ -34,26 +39,26 @@ class RetrainConfig:
     # labels on a few thousand images do not re-select
     reselect_growth: float = 0.5
     budget_s: float = 900.0  # auto: the trainer's time budget
-    epochs: int = 2
-    freeze_epochs: int = 0
-    lr: float = 1e-3
+    epochs: int = 2  # learner finetune: epochs of the challenger's fine-tune
+    freeze_epochs: int = 0  # learner finetune: head-only epochs first
+    lr: float = 1e-3  # learner finetune: the head's learning rate
     base_per_class: int | None = None  # replay at most this many base images per class
-    embedding_cache: Path = Path("runs/embeddings")
-    seed: int = 0
+    embedding_cache: Path = Path("runs/embeddings")  # backbone features by image sha256
+    seed: int = 0  # seeds the challenger's training and the gate's bootstrap
     # the gate (visionloop/gate.py): non-inferiority margins on the lower end of the paired
     # 95% interval of challenger - champion, on the scenario's val/ split
     max_macro_f1_drop: float = 0.01
-    max_minority_recall_drop: float = 0.03
+    max_minority_recall_drop: float = 0.03  # the gate's margin on minority recall
     eval_per_class: int | None = None  # cap gate images per class (None: the whole val/)
     # promotion
     backend: str = "torchscript"
-    capture_below: float = CAPTURE_BELOW
+    capture_below: float = CAPTURE_BELOW  # the new champion captures below this confidence
     capture_per_minute: int = CAPTURES_PER_MINUTE  # per TorchServe worker
-    work_dir: Path = Path("runs/retrain")
+    work_dir: Path = Path("runs/retrain")  # checkpoints of the challenger's training
 
     def __post_init__(self) -> None:
         if self.learner not in RETRAIN_LEARNERS:
-            raise ValueError(f"learner must be one of {', '.join(RETRAIN_LEARNERS)}, "
+            raise InputError(f"learner must be one of {', '.join(RETRAIN_LEARNERS)}, "
                              f"got {self.learner!r}")
 
 

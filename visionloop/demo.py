@@ -42,6 +42,7 @@ from visionloop.core.bootstrap import (
     paired_difference,
     paired_difference_to_mean,
 )
+from visionloop.core.errors import InputError
 from visionloop.core.manifest import ModelManifest
 from visionloop.core.ports import free_loopback_ports
 from visionloop.core.scenario import check_layout, read_pool
@@ -99,11 +100,11 @@ def stream_sizes(pool: int, cfg: DemoConfig) -> int:
     up front when a round could not offer the random baseline its budget."""
     per_round = cfg.stream_per_round if cfg.stream_per_round is not None else pool // cfg.rounds
     if per_round * cfg.rounds > pool:
-        raise ValueError(f"the pool has {pool} images: {cfg.rounds} rounds of "
+        raise InputError(f"the pool has {pool} images: {cfg.rounds} rounds of "
                          f"{per_round} need {per_round * cfg.rounds}; pass --stream-per-round "
                          f"{pool // cfg.rounds} or less, or fewer --rounds")
     if per_round < cfg.budget:
-        raise ValueError(f"each round streams {per_round} images, fewer than the budget of "
+        raise InputError(f"each round streams {per_round} images, fewer than the budget of "
                          f"{cfg.budget} labels (the pool has {pool} images for {cfg.rounds} "
                          "rounds): lower --budget or --rounds")
     return per_round
@@ -199,7 +200,7 @@ class Demo:
         out = self.cfg.out
         wipe = out.exists() and any(out.iterdir())
         if wipe and not (out / DEMO_MARKER).exists():  # never wipe a folder the demo did not make
-            raise ValueError(f"{out} exists and is not a demo directory; pick another --out")
+            raise InputError(f"{out} exists and is not a demo directory; pick another --out")
         check_layout(self.cfg.scenario)
         self.per_round = stream_sizes(len(read_pool(self.cfg.scenario)), self.cfg)
         if wipe:

@@ -13,36 +13,44 @@ from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 from visionloop.configs import RETRAIN_LEARNERS, DemoConfig, RetrainConfig
+from visionloop.core.field_docs import field_comments
 from visionloop.core.lock import LockBusy
 from visionloop.labeling.cli import add_server_arguments, server_config
 from visionloop.serving.server import ServerConfig
+from visionloop.serving.settings import BACKENDS
 from visionloop.trainer.config import LEARNERS
 
 _TYPES = {"int": int, "int | None": int, "float": float, "Path": Path, "Path | None": Path,
+          "str | None": str,
           "str": str}
 
 
 def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per RetrainConfig field, plus where Label Studio and TorchServe run."""
+    """One flag per RetrainConfig field (its help from the field's comment), plus where Label
+    Studio and TorchServe run."""
+    comments = field_comments(RetrainConfig)
+    choices = {"learner": RETRAIN_LEARNERS, "backend": tuple(BACKENDS)}
     for f in fields(RetrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "capture_dir":
             continue  # shared with Label Studio's arguments below
+        help_text = comments.get(f.name, f.name.replace("_", " ")).replace("%", "%%")
         if str(f.type) == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f"{f.name.replace('_', ' ')} (default: {f.default})")
+                                help=help_text)
             continue
         default = None if f.default is MISSING else f.default
         parser.add_argument(flag, type=_TYPES[str(f.type)], default=default,
-                            choices=RETRAIN_LEARNERS if f.name == "learner" else None,
-                            help=f"{f.name.replace('_', ' ')} (default: {default})")
+                            choices=choices.get(f.name), help=help_text)
     add_server_arguments(parser)
     parser.add_argument("--torchserve-home", type=Path, default=ServerConfig.home,
-                        help="the running TorchServe to promote into (skipped if not running)")
-    parser.add_argument("--torchserve-host", default=ServerConfig.host)
+                        help="TorchServe's working folder: config, logs, pid file")
+    parser.add_argument("--torchserve-host", default=ServerConfig.host,
+                        help="where TorchServe listens")
     parser.add_argument("--torchserve-token-auth", action="store_true",
                         help="TorchServe runs with token auth (keys in its home's key_file.json)")
-    parser.add_argument("--management-port", type=int, default=ServerConfig.management_port)
+    parser.add_argument("--management-port", type=int, default=ServerConfig.management_port,
+                        help="TorchServe's management API port")
     parser.add_argument("--torchserve-url", action="append", default=[], metavar="URL",
                         help="a TorchServe replica's management URL (repeatable: the promotion "
                              "rolls through them in order); replaces --management-port "
@@ -87,24 +95,23 @@ def run_retrain(args: argparse.Namespace) -> int:
     try:
         return once()
     except LockBusy as exc:
-        print(f"visionloop retrain: another retrain is running ({exc})")
-        return 4
+        raise LockBusy(f"another retrain is running ({exc})") from exc
     except LabelStudioUnavailable as exc:
-        print(f"visionloop retrain: {exc}; the champion keeps serving, run it again")
-        return 3
+        raise LabelStudioUnavailable(f"{exc}; the champion keeps serving",
+                                     hint="run it again once Label Studio answers") from exc
     except RolloutIncomplete as exc:
-        print(f"visionloop retrain: {exc}. The champion record was not advanced; the next "
-              "run puts every replica back on it")
-        return 5
+        raise RolloutIncomplete(exc.version, "not every replica answered", exc.serving) from exc
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a few minutes on small settings (tests); flags still override")
+    comments = field_comments(DemoConfig)
     for f in fields(DemoConfig):
+        help_text = comments.get(f.name, f.name.replace("_", " ")).replace("%", "%%")
         parser.add_argument("--" + f.name.replace("_", "-"), type=_TYPES[str(f.type)],
                             default=None, choices=LEARNERS if f.name == "learner" else None,
-                            help=f"{f.name.replace('_', ' ')} (default: {f.default})")
+                            help=f"{help_text} (default: {f.default})")
 
 
 def run_demo(args: argparse.Namespace) -> int:

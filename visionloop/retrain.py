@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from visionloop.configs import RetrainConfig
+from visionloop.core.errors import InputError
 from visionloop.core.failpoints import failpoint
 from visionloop.core.fsutil import atomic_write_json
 from visionloop.core.manifest import ModelManifest
@@ -53,6 +54,7 @@ from visionloop.serving.promote import (
 from visionloop.serving.server import ServerConfig
 from visionloop.trainer.config import TrainConfig
 from visionloop.trainer.metrics import classification_report, expected_calibration_error
+from visionloop.trainer.splits import load_splits
 from visionloop.trainer.train import run_training
 
 log = logging.getLogger(__name__)
@@ -136,12 +138,43 @@ def challenger_learner(cfg: RetrainConfig, champion: ModelManifest,
     return "head", f"the champion's ({kind}) backbone kept, its head re-fit"
 
 
-def train_challenger(cfg: RetrainConfig, champion: str, minority: list[str],
+def champion_data(cfg: RetrainConfig, champion: ModelManifest) -> TrainConfig:
+    """The data settings the challenger trains and the gate scores on: --data, else the
+    champion's own data folder, with the champion's split settings, so that a split made from
+    class folders is the champion's split again."""
+    trained = champion.training_config
+    data = cfg.data or trained.get("data")
+    if not data:
+        raise InputError(f"the champion {champion.version} records no data folder",
+                         hint="pass --data FOLDER (what it was trained on)")
+    kept = {k: trained[k] for k in ("split_seed", "val_fraction", "test_fraction", "on_corrupt")
+            if k in trained}
+    return TrainConfig(data=str(data), **kept)
+
+
+def gate_samples(cfg: RetrainConfig, champion: ModelManifest) -> list[tuple[Path, int]]:
+    """The gate's images: the val split of the champion's data (at most eval_per_class per
+    class). Read before anything else happens, so bad data changes nothing."""
+    splits = load_splits(champion_data(cfg, champion), champion.classes)
+    made = champion.metrics.get("splits_made")
+    if splits.made and made and splits.made["val_sha256"] != made["val_sha256"]:
+        log.warning("the data folder changed since %s was trained: its val split is not the "
+                    "one the champion was chosen on", champion.version)
+    kept: dict[int, int] = {}
+    samples = []
+    for path, label in splits.val:
+        kept[label] = kept.get(label, 0) + 1
+        if cfg.eval_per_class is None or kept[label] <= cfg.eval_per_class:
+            samples.append((path, label))
+    return samples
+
+
+def train_challenger(cfg: RetrainConfig, champion: ModelManifest, minority: list[str],
                      learner: str) -> Path:
     labels = Path(cfg.labels_dir) / "images"
-    train_cfg = TrainConfig(
-        data=str(cfg.data), extra_train=(str(labels),) if labels.is_dir() else (),
-        out=str(cfg.store), name=cfg.name, parent=champion, learner=learner,
+    train_cfg = replace(
+        champion_data(cfg, champion), extra_train=(str(labels),) if labels.is_dir() else (),
+        out=str(cfg.store), name=cfg.name, parent=champion.version, learner=learner,
         budget_s=cfg.budget_s,
         embedding_cache=str(cfg.embedding_cache), epochs=cfg.epochs,
         freeze_epochs=cfg.freeze_epochs, lr=cfg.lr, base_per_class=cfg.base_per_class,
@@ -215,9 +248,12 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
     store = ModelStore(cfg.store)
     registry = Registry(store, cfg.name)
     with registry.writer_lock():
+        champion = registry.champion()
+        manifest = store.load_manifest(cfg.name, champion)
+        samples = gate_samples(cfg, manifest)  # bad data stops here, before any change
         if store.discard_all_staging(cfg.name):
             log.info("removed staging directories left by an interrupted run")
-        restore_champion_serving(cfg, torchserve, registry.champion())
+        restore_champion_serving(cfg, torchserve, champion)
         if cfg.pull and labelstudio is not None:
             pull_labels(cfg, labelstudio)
         current = label_files(cfg.labels_dir)
@@ -225,20 +261,16 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
         if len(new) < cfg.min_new_labels:
             log.info("%d new labels (< %d): nothing to do", len(new), cfg.min_new_labels)
             return None
-        champion = registry.champion()
         # pin it before a challenger is published: "newest version" would point at that
         registry.set_champion(champion)
-        manifest = store.load_manifest(cfg.name, champion)
         manifest.verify(store.version_dir(cfg.name, champion))  # before an hour of training
         minority = list(manifest.minority_classes)
         learner, why = challenger_learner(cfg, manifest, len(new))
         log.info("%d new labels: a challenger from %s by the %s learner (%s)", len(new),
                  champion, learner, why)
-        challenger_dir = train_challenger(cfg, champion, minority, learner)
+        challenger_dir = train_challenger(cfg, manifest, minority, learner)
         # the attempt used these labels, promoted or not: the next run waits for new ones
         atomic_write_json(_state_path(store, cfg.name), {"labels_trained": sorted(current)})
-        samples = held_out_samples(Path(cfg.data), manifest.classes, cfg.eval_per_class,
-                                   split="val")
         champion_eval, champion_pred = evaluate(store.version_dir(cfg.name, champion), samples,
                                                 minority)
         challenger_eval, challenger_pred = evaluate(challenger_dir, samples, minority)
@@ -271,7 +303,7 @@ def pull_labels(cfg: RetrainConfig, labelstudio: LabelStudioConfig) -> None:
     store = ModelStore(cfg.store)
     manifest = store.load_manifest(cfg.name, Registry(store, cfg.name).champion())
     client = connect(labelstudio)
-    project = ensure_project(client, default_title(cfg.name), manifest.classes)
+    project = ensure_project(client, cfg.project or default_title(cfg.name), manifest.classes)
     result = pull(cfg.labels_dir, cfg.capture_dir, client, project)
     log.info("pulled: %d labelled tasks (+%d, ~%d, -%d)", result.labelled_tasks, result.added,
              result.changed, result.removed)
