@@ -20,10 +20,13 @@ HAPROXY := /usr/sbin/haproxy
 DATA := data/fashion-mnist-lt
 MINORITY := coat,sandal,bag
 
-.PHONY: setup java postgres containers image images test-containers demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling bench-loop clean-venv
+.PHONY: setup setup-test java postgres containers image images test-containers demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling bench-loop clean-venv
 
-setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST) \
-	$(DOCKER_COMPOSE) java postgres $(CHROMEDRIVER) $(HAPROXY)
+# What the demo and your own images use: the venvs, the real Fashion-MNIST, Java.
+setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST) java
+
+# ... and the servers only the tests start (PostgreSQL, HAProxy, Chromium, compose v1).
+setup-test: setup $(DOCKER_COMPOSE) postgres $(CHROMEDRIVER) $(HAPROXY)
 
 # torch first, from the pinned releases, so no resolver pulls another torch build.
 $(VENV)/.installed-$(ORT): pyproject.toml
@@ -82,10 +85,10 @@ $(DATA)/scenario.json: | setup
 demo: setup $(DATA)/scenario.json
 	$(VENV)/bin/visionloop demo --scenario $(DATA) --out runs/demo
 
-test: setup
+test: setup-test
 	$(PY) -m pytest -q -m "not container"
 
-test-fast: setup
+test-fast: setup-test
 	$(PY) -m pytest -q -m "not slow and not container"
 
 # Debian's podman (rootful, runc: deploy/podman.sh) and mmdebstrap, which builds the local
@@ -108,12 +111,12 @@ images: image
 
 # Builds the images and runs them for real (~15 min): not part of `make test`; .ci/run
 # runs both.
-test-containers: setup containers
+test-containers: setup-test containers
 	$(PY) -m pytest -q -s -m container
 
 # The long versions of the fault tests `make test` runs short: a 5-minute load soak with a
 # worker killed, 3000 random (not fixed-seed) fuzz inputs per path. Prints the counts.
-soak: setup
+soak: setup-test
 	VISIONLOOP_SOAK_SECONDS=300 VISIONLOOP_FUZZ_EXAMPLES=3000 \
 		$(PY) -m pytest -q -s -p no:cacheprovider tests/test_soak.py tests/test_fuzz.py
 

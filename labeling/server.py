@@ -18,10 +18,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from visionloop.core.errors import InputError, ServiceUnavailable
+from visionloop.core.errors import InputError, MissingDependency, ServiceUnavailable
 from visionloop.core.fsutil import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,24 @@ class LabelStudioError(ServiceUnavailable, RuntimeError):
     """Label Studio did not start, get healthy or stop as expected."""
 
 
+VENV_ENV = "VISIONLOOP_LABELSTUDIO_VENV"
+LS_VERSION = "1.23.2"
+
+
+def default_venv() -> Path:
+    """Label Studio's venv: $VISIONLOOP_LABELSTUDIO_VENV, else .venv-labelstudio here, else
+    the one `make setup` made beside this checkout (commands run from any folder)."""
+    if os.environ.get(VENV_ENV):
+        return Path(os.environ[VENV_ENV])
+    here = Path(".venv-labelstudio")
+    beside = Path(__file__).resolve().parents[1] / ".venv-labelstudio"
+    return here if here.exists() or not beside.exists() else beside
+
+
 @dataclass(frozen=True)
 class LabelStudioConfig:
     data_dir: Path = Path("runs/labelstudio")  # SQLite DB, media, pid, log, credentials
-    venv: Path = Path(".venv-labelstudio")  # where `make setup` installed the server
+    venv: Path = field(default_factory=lambda: default_venv())  # Label Studio's own venv
     host: str = "127.0.0.1"  # loopback only
     port: int = 8090
     files_root: Path = Path("captures")  # served as local files: the capture store
@@ -219,7 +233,11 @@ def start(cfg: LabelStudioConfig, timeout: float = 180.0) -> int:
                                f"(pid {read_pid(cfg)})")
     binary = cfg.venv / "bin" / "label-studio"
     if not binary.exists():
-        raise LabelStudioError(f"{binary} not found: run `make setup` to install Label Studio")
+        raise MissingDependency(
+            f"Label Studio is not installed at {cfg.venv}",
+            hint=f"run make setup in the visionloop checkout, or install it in a venv of its "
+                 f"own (python3 -m venv V && V/bin/pip install label-studio=={LS_VERSION}) "
+                 f"and set {VENV_ENV}=V")
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     cfg.files_root.mkdir(parents=True, exist_ok=True)
     cmd = [str(binary.resolve()), "start", "--no-browser", "--internal-host", cfg.host,

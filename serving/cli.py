@@ -123,7 +123,8 @@ def run_promote(args: argparse.Namespace) -> int:
     return 0
 
 
-def champion_archive(store_dir: Path, name: str, export_dir: Path, backend: str) -> str:
+def champion_archive(store_dir: Path, name: str, export_dir: Path, backend: str,
+                     capture_below: float = CAPTURE_BELOW) -> str:
     """The .mar file name of NAME's champion in export_dir, packaged there if it is missing
     (with the capture policy a promotion would give it)."""
     from visionloop.serving.archive import mar_name, package
@@ -139,7 +140,8 @@ def champion_archive(store_dir: Path, name: str, export_dir: Path, backend: str)
     if not (export_dir / archive).exists():
         manifest = store.load_manifest(name, version)
         package(store.version_dir(name, version), export_dir, backend,
-                serving=ServingConfig(capture=capture_policy(manifest)))
+                serving=ServingConfig(capture=capture_policy(manifest,
+                                                             max_confidence=capture_below)))
     return archive
 
 
@@ -176,6 +178,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model store: one folder per model, one per version")
     parser.add_argument("--backend", default="torchscript", choices=tuple(BACKENDS),
                         help="the artifact --champion's archive serves")
+    parser.add_argument("--capture-below", type=float, default=CAPTURE_BELOW,
+                        help="capture predictions whose calibrated confidence is below this "
+                             "(when --champion is packaged here)")
     parser.add_argument("--inference-port", type=int, default=ServerConfig.inference_port,
                         help="TorchServe's inference API port (POST /predictions/NAME)")
     parser.add_argument("--management-port", type=int, default=ServerConfig.management_port,
@@ -208,7 +213,7 @@ def run_serve(args: argparse.Namespace) -> int:
     models = dict(m.split("=", 1) for m in args.model)
     if args.champion and args.action in ("start", "foreground"):
         models[args.champion] = champion_archive(args.store, args.champion, cfg.model_store,
-                                                 args.backend)
+                                                 args.backend, args.capture_below)
     if args.action == "foreground":
         server.run_foreground(cfg, models)  # does not return
     if args.action == "start":

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from visionloop.core.manifest import ModelManifest
@@ -71,7 +71,8 @@ def decode(data: bytes | bytearray | None, limits: Limits = Limits()) -> torch.T
 def _decode_jpeg(data: bytes | bytearray) -> torch.Tensor:
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        return decode_jpeg(buffer, mode=ImageReadMode.UNCHANGED)
+        # a phone photo is stored sideways with an EXIF orientation: decode it upright
+        return decode_jpeg(buffer, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
     except RuntimeError as exc:  # truncated or corrupt pixel data
         raise BadInput(400, f"image could not be decoded: {str(exc).splitlines()[0]}") from exc
 
@@ -84,8 +85,9 @@ def _decode_with_pillow(data: bytes | bytearray) -> torch.Tensor:
     """The first frame, as uint8 with 1 (L), 2 (LA), 3 (RGB) or 4 (RGBA) channels. 16-bit
     and 32-bit gray keep their top 8 bits of a 16-bit range, as PNG stores them."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)  # upright, as the JPEG path
             if image.mode in _PILLOW_LAYOUTS:
                 array = np.asarray(image.convert(_PILLOW_LAYOUTS[image.mode]))
             else:  # I;16*, I, F: one high-bit-depth gray channel

@@ -7,6 +7,7 @@ READY for every model, not /ping, which answers Healthy while workers crash-loop
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 
 class ServerError(ServiceUnavailable, RuntimeError):
     """TorchServe did not start, get ready or stop as expected."""
+
+
+SOCKET_DIR_MAX = 80  # + "/.ts.sock.PORT" stays under the 107 bytes of a Unix socket path
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,14 @@ class ServerConfig:
 
     @property
     def tmp(self) -> Path:
-        return self.home / "tmp"
+        """HOME/tmp: pid file and the workers' Unix sockets (TMP/.ts.sock.PORT). A socket's
+        path may not pass 107 bytes, so from a deep HOME it is a short folder in the system
+        temp dir, named after HOME (the same HOME always finds it)."""
+        path = (self.home / "tmp").resolve()
+        if len(str(path)) <= SOCKET_DIR_MAX:
+            return self.home / "tmp"
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"visionloop-torchserve-{digest}"
 
     @property
     def pid_file(self) -> Path:

@@ -115,6 +115,14 @@ def test_temperature_scaling_recovers_a_known_temperature_and_lowers_ece():
     assert math.isfinite(temperature)
 
 
+def test_temperature_on_a_handful_of_val_images_stays_near_one():
+    # 5 val images, one confidently wrong: the likelihood alone wants T ~ 30 (near-uniform
+    # probabilities: every prediction would be captured); the prior keeps it sane
+    logits = torch.tensor([[8.0, 0, 0], [0, 8.0, 0], [0, 0, 8.0], [8.0, 0, 0], [8.0, 0, 0]])
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    assert 1.0 < fit_temperature(logits, labels) < 3.0
+
+
 # Held by another thread of the parent while the workers start, as a connection pool's or a
 # progress bar's lock can be. A forked worker would inherit it locked, for ever.
 _PARENT_LOCK = threading.Lock()

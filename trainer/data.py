@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as F
@@ -122,8 +122,10 @@ def dataset_fingerprint(indexes: list[ImageFolderIndex]) -> str:
 
 
 def load_image_tensor(path: Path) -> torch.Tensor:
-    """Decode to a uint8 CHW tensor with 1 or 3 channels (palette/alpha/CMYK -> RGB)."""
-    with Image.open(path) as image:
+    """Decode to a uint8 CHW tensor with 1 or 3 channels (palette/alpha/CMYK -> RGB), upright
+    (EXIF orientation applied, as the serving path does)."""
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened)
         if image.mode not in ("L", "RGB"):
             image = image.convert("RGB")
         return F.pil_to_tensor(image)

@@ -119,7 +119,9 @@ def _compute(model: nn.Module, head_prefix: str, pre: Preprocessing, missing: di
     todo = list(missing.items())
     dataset = ImageListDataset([(path, i) for i, (_, path) in enumerate(todo)],
                                partial(preprocess_image, pre=pre))
-    loader = DataLoader(dataset, batch_size=batch_size, **loader_workers(num_workers))
+    # a worker process costs ~5 s to start: more than one batch of images takes to decode
+    workers = num_workers if len(todo) > batch_size else 0
+    loader = DataLoader(dataset, batch_size=batch_size, **loader_workers(workers))
     started = last_report = time.monotonic()
     done = 0
     model = model.to(device).eval()

@@ -537,11 +537,18 @@ def format_selection(selection: dict) -> str:
             continue
         note = "picked" if name == selection["picked"] else (
             "within the noise of the best" if row["contender"] else "worse beyond the noise")
-        lines.append(f"{name:<18}{row['val_macro_f1']['estimate']:>8.3f}"
-                     f"{row['val_minority_recall']['estimate']:>12.3f}"
-                     f"{row['test_macro_f1']:>9.3f}{row['test_minority_recall']:>13.3f}"
+        lines.append(f"{name:<18}{_score(row['val_macro_f1']['estimate']):>8}"
+                     f"{_score(row['val_minority_recall']['estimate']):>12}"
+                     f"{_score(row['test_macro_f1']):>9}"
+                     f"{_score(row['test_minority_recall']):>13}"
                      f"{row['seconds']:>9.0f}  {note}")
     return "\n".join(lines)
+
+
+def _score(value: float | None) -> str:
+    """A score for the table; '-' where there is none (no minority class: no minority
+    recall)."""
+    return "-" if value is None or value != value else f"{value:.3f}"
 
 
 def run_training(cfg: TrainConfig) -> Path | None:

@@ -45,7 +45,8 @@ def decide(labels: np.ndarray, champion: np.ndarray, challenger: np.ndarray, n_c
         reasons.append(f"minority recall may have fallen: delta {recall}")
     promoted = not reasons
     if promoted:
-        reasons.append(f"not worse: delta macro-F1 {f1}, minority recall {recall}")
+        reasons.append(f"not worse: delta macro-F1 {f1}, "
+                       + (f"minority recall {recall}" if minority else "no minority classes"))
     record = {"images": int(len(labels)), "rule": rule.describe(),
               "delta_macro_f1": f1.to_dict(), "delta_minority_recall": recall.to_dict()}
     return promoted, "; ".join(reasons), record

@@ -35,7 +35,8 @@ from visionloop.core.errors import InputError
 SHARED = ("name", "store", "data", "capture_dir", "capture_database", "labels_dir", "project",
           "labelstudio_url", "labelstudio_dir", "labelstudio_host", "labelstudio_port",
           "torchserve_home", "torchserve_model_store", "torchserve_url", "torchserve_host",
-          "torchserve_token_auth", "management_port", "backend", "embedding_cache")
+          "torchserve_token_auth", "management_port", "backend", "embedding_cache",
+          "capture_below")
 ENV_PREFIX = "VISIONLOOP_"
 # read when a setting's own variable is not set: the names other tools (label-studio-sdk)
 # and earlier releases use
