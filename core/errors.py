@@ -71,4 +71,5 @@ def require_module(module: str, extra: str, why: str) -> None:
     if find_spec(module) is None:
         raise MissingDependency(
             f"{why} needs the Python package {module}, which is not installed",
-            hint=f"install it with: pip install 'visionloop[{extra}]'")
+            hint=f"install it with: pip install 'visionloop[{extra}]'"
+                 + (" (or 'visionloop[gpu]' on a CUDA host)" if extra == "cpu" else ""))

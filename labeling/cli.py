@@ -230,4 +230,5 @@ def run_label(args: argparse.Namespace) -> int:
     except LabelStudioUnavailable as exc:
         # nothing was recorded that did not arrive: the next run catches up
         raise LabelStudioUnavailable(f"{exc}; nothing lost",
-                                     hint="run it again once Label Studio answers") from exc
+                                     hint=exc.hint or "run it again once Label Studio "
+                                                      "answers") from exc

@@ -10,6 +10,7 @@ import argparse
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from visionloop.core.errors import require_module
 from visionloop.core.field_docs import field_comments
 from visionloop.trainer.config import CHOICES, TrainConfig, load_config
 
@@ -46,6 +47,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    require_module("onnxruntime", "cpu", "checking the ONNX export against the model")
     from visionloop.trainer.train import run_training
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}

@@ -122,8 +122,7 @@ def as_user_error(exc: BaseException) -> UserError | None:
         return exc
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return DiskFull(f"no space left on the disk ({exc.filename or exc})",
-                        hint="free some space (df -h shows where) and run it again; "
-                             "nothing half-written was published")
+                        hint="free some space (df -h shows where) and run it again")
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return InputError(f"{exc.filename}: no such file or directory")
     return None

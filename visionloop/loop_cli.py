@@ -98,7 +98,8 @@ def run_retrain(args: argparse.Namespace) -> int:
         raise LockBusy(f"another retrain is running ({exc})") from exc
     except LabelStudioUnavailable as exc:
         raise LabelStudioUnavailable(f"{exc}; the champion keeps serving",
-                                     hint="run it again once Label Studio answers") from exc
+                                     hint=exc.hint or "run it again once Label Studio "
+                                                      "answers") from exc
     except RolloutIncomplete as exc:
         raise RolloutIncomplete(exc.version, "not every replica answered", exc.serving) from exc
 
