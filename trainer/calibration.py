@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-
 # The prior on log T: a normal around 0 (T = 1) with this spread. On a few thousand val/
 # images the data decide; on a handful (a user's first folder of photos, 5 val/ images) one
 # wrong answer made T = 32, every prediction near uniform and every image a capture.
