@@ -86,7 +86,7 @@ demo: setup $(DATA)/scenario.json
 	$(VENV)/bin/visionloop demo --scenario $(DATA) --out runs/demo
 
 test: setup-test
-	$(PY) -m pytest -q -m "not container and not install"
+	$(PY) -m pytest -q -m "not container and not install" --durations=15
 
 test-fast: setup-test
 	$(PY) -m pytest -q -m "not slow and not container and not install"

@@ -44,8 +44,8 @@ def unavailable_as_error(action: str) -> Iterator[None]:
     except httpx.TransportError as exc:
         raise LabelStudioUnavailable(
             f"{action}: Label Studio unreachable ({exc})",
-            hint="start it (visionloop labelstudio start) or point LABEL_STUDIO_URL at it; "
-                 "nothing was lost") from exc
+            hint="start it (visionloop labelstudio start) or point LABEL_STUDIO_URL at "
+                 "it") from exc
     except ApiError as exc:
         if exc.status_code is not None and exc.status_code >= 500:
             raise LabelStudioUnavailable(f"{action}: Label Studio answered "

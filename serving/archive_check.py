@@ -8,10 +8,12 @@ import stat
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from visionloop.core.errors import InputError
+
 MAX_UNPACKED_BYTES = 8 << 30  # a big ViT in fp32 is ~1.2 GB; 8 GB is far past any model
 
 
-class ArchiveError(ValueError):
+class ArchiveError(InputError):
     """An archive that must not be served."""
 
 
