@@ -20,7 +20,7 @@ HAPROXY := /usr/sbin/haproxy
 DATA := data/fashion-mnist-lt
 MINORITY := coat,sandal,bag
 
-.PHONY: setup setup-test test-install java postgres containers image images test-containers demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling bench-loop clean-venv
+.PHONY: setup setup-test test-install java postgres containers image images test-containers test-e2e demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling bench-loop clean-venv
 
 # What the demo and your own images use: the venvs, the real Fashion-MNIST, Java.
 setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST) java
@@ -86,10 +86,15 @@ demo: setup $(DATA)/scenario.json
 	$(VENV)/bin/visionloop demo --scenario $(DATA) --out runs/demo
 
 test: setup-test
-	$(PY) -m pytest -q -m "not container and not install" --durations=15
+	$(PY) -m pytest -q -m "not container and not install and not e2e" --durations=15
 
 test-fast: setup-test
-	$(PY) -m pytest -q -m "not slow and not container and not install"
+	$(PY) -m pytest -q -m "not slow and not container and not install and not e2e"
+
+# The whole loop end to end (~8 min): the README's own-images walkthrough as written, on
+# real photos, and the quick demo; .ci/run runs it.
+test-e2e: setup-test
+	$(PY) -m pytest -q -s -m e2e
 
 # The wheel in a fresh virtualenv, torch from the pinned wheels (~4 min); .ci/run runs it.
 test-install: setup

@@ -200,13 +200,18 @@ def random_draws(learner: Learner, seed: int, draws: int) -> list[dict]:
     return out
 
 
-def run_seed(args: argparse.Namespace, seed: int) -> dict:
-    started = time.monotonic()
+def seed_learner(args: argparse.Namespace, seed: int) -> Learner:
+    """The seed's scenario, embedded through the cache, and its champion head."""
     data = build_data(args.work_dir, args, seed)
     classes = class_names(data)
     minority = [classes.index(c) for c in args.minority]
-    learner = Learner(embeddings(data, args.work_dir / "embeddings", args.image_size),
-                      classes, minority)
+    return Learner(embeddings(data, args.work_dir / "embeddings", args.image_size),
+                   classes, minority)
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict:
+    started = time.monotonic()
+    learner = seed_learner(args, seed)
     champion = learner.score(learner.champion)
     full = learner.score(learner.refit(np.ones(len(learner.y["pool"]), dtype=bool),
                                        learner.champion))
@@ -216,7 +221,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
              seed, learner.l2, champion, full, target)
     result = {"seed": seed, "l2": learner.l2, "champion": champion, "full_pool": full,
               "target_minority_recall": target, "pool": len(learner.y["pool"]),
-              "pool_minority": int(np.isin(learner.y["pool"], minority).sum()), "curves": {}}
+              "pool_minority": int(np.isin(learner.y["pool"], learner.minority).sum()),
+              "curves": {}}
     for strategy in args.strategies:
         curve = run_strategy(learner, strategy, args, target, seed)
         result["curves"][strategy] = {"curve": curve,

@@ -420,6 +420,14 @@ class CaptureStore:
                             margin, entropy)
                 for cid, sha, version, predicted, probs, max_prob, margin, entropy in rows]
 
+    def served_probabilities(self, model: str) -> dict[str, list[float]]:
+        """Image sha256 -> the probabilities of its newest capture of `model` (what the
+        serving model said about it, calibrated, in its manifest's class order)."""
+        rows = self._opened().query(
+            "SELECT image_sha256, probabilities FROM captures WHERE model_name = ?"
+            " ORDER BY id", (model,))
+        return {sha: json.loads(probs) for sha, probs in rows}
+
     def captures(self) -> list[StoredCapture]:
         """Every row, in capture order."""
         rows = self._opened().query(

@@ -20,6 +20,7 @@ from visionloop.core.model_store import ModelStore
 from visionloop.core.registry import resolve
 from visionloop.labeling import server
 from visionloop.labeling.dedupe import NEAR_DUPLICATE_CORRELATION
+from visionloop.labeling.label_check import REVIEW_BELOW
 from visionloop.labeling.push_options import TRANSPORTS
 from visionloop.labeling.server import LabelStudioConfig, api_token, backend_secret
 from visionloop.labeling.strategies import STRATEGIES
@@ -105,6 +106,13 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
                       help="keep running: push once per DURATION (e.g. 10m), each time up to "
                            "--budget new tasks")
     pull = sub.add_parser("pull", help="bring finished annotations back as training data")
+    pull.add_argument("--review-below", type=float, default=REVIEW_BELOW, metavar="P",
+                      help="send a label back for review when the serving model gave it a "
+                           "calibrated probability below P (0: no check; annotators' "
+                           "disagreements go back regardless)")
+    pull.add_argument("--capture-database", metavar="URL",
+                      help="the capture index (default: $VISIONLOOP_CAPTURE_DATABASE, else "
+                           "SQLite in --capture-dir)")
     backend = sub.add_parser("backend", help="serve the ML backend and the webhook receiver")
     backend.add_argument("--backend-host", "--host", dest="host", default="127.0.0.1",
                          help="where the ML backend listens")
@@ -172,8 +180,10 @@ def _pull(args: argparse.Namespace) -> int:
     from visionloop.labeling.pull import pull
 
     client = connect(server_config(args))
-    _, project = _project(args, client)
-    result = pull(args.labels_dir, args.capture_dir, client, project)
+    manifest, project = _project(args, client)
+    result = pull(args.labels_dir, args.capture_dir, client, project, model=manifest.name,
+                  review_below=args.review_below or None,
+                  capture_database=args.capture_database)
     print(json.dumps({"project": project.id, **asdict(result)}, indent=2))
     return 0
 

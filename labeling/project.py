@@ -27,7 +27,7 @@ from visionloop.labeling.client import unavailable_as_error
 
 log = logging.getLogger(__name__)
 
-FROM_NAME, TO_NAME, IMAGE_KEY = "label", "image", "image"
+FROM_NAME, TO_NAME, IMAGE_KEY, REVIEW_NOTE_KEY = "label", "image", "image", "review_note"
 QUEUE_MODEL_VERSION = "visionloop-queue"  # the model_version of push's predictions
 SAMPLING = "Uncertainty sampling"
 
@@ -38,7 +38,9 @@ class ProjectError(InputError):
 
 def label_config(classes: tuple[str, ...]) -> str:
     choices = "".join(f"<Choice value={quoteattr(c)}/>" for c in classes)
-    return (f'<View><Image name="{TO_NAME}" value="${IMAGE_KEY}" zoom="true"/>'
+    # the header is empty but on review tasks, where it shows the disagreement (labeling.pull)
+    return (f'<View><Header value="${REVIEW_NOTE_KEY}"/>'
+            f'<Image name="{TO_NAME}" value="${IMAGE_KEY}" zoom="true"/>'
             f'<Choices name="{FROM_NAME}" toName="{TO_NAME}" choice="single" '
             f'showInline="true">{choices}</Choices></View>')
 

@@ -14,6 +14,13 @@ from it, so an interrupted pull leaves a tree the next pull completes.
 Disagreements: an annotation marked ground truth decides; otherwise the majority of the
 counted annotations; a tie goes to the most recently updated of the tied answers.
 Labels the model does not know are kept and reported, never written into the tree.
+
+Labels are checked before they train (labeling.label_check): a new or changed label that
+the serving model contradicts, or that annotators disagreed on, goes back to Label Studio
+as a review task (data.review_of names the task, data.review_note shows the
+disagreement), and trains only once the review is answered, with the reviewer's answer.
+The review tasks are found again in Label Studio on every pull, so a pull that crashed
+after creating one does not create it twice, and a label is sent back once.
 """
 
 from __future__ import annotations
@@ -26,13 +33,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 from label_studio_sdk import LabelStudio
 from PIL import Image
 
-from visionloop.core.capture_store import image_path
+from visionloop.core.capture_store import READER_BUSY_TIMEOUT_S, CaptureStore, image_path
 from visionloop.core.db import transaction
 from visionloop.labeling.client import unavailable_as_error
-from visionloop.labeling.project import FROM_NAME, Project
+from visionloop.labeling.label_check import REVIEW_BELOW, Review, needs_review
+from visionloop.labeling.project import (
+    FROM_NAME,
+    IMAGE_KEY,
+    QUEUE_MODEL_VERSION,
+    REVIEW_NOTE_KEY,
+    Project,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +66,13 @@ CREATE TABLE IF NOT EXISTS answers (   -- each counted annotation, for agreement
     annotator TEXT NOT NULL,
     label TEXT NOT NULL,
     PRIMARY KEY (task_id, annotator)
+);
+CREATE TABLE IF NOT EXISTS reviews (   -- labels sent back to Label Studio, as it has them
+    task_id INTEGER PRIMARY KEY,     -- the task whose label went back
+    review_task_id INTEGER NOT NULL,
+    first_label TEXT NOT NULL,
+    reason TEXT NOT NULL,            -- labeling.label_check.Review.reason
+    decided TEXT                     -- the reviewer's answer; NULL while it waits
 );
 CREATE TABLE IF NOT EXISTS pulls (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -83,6 +105,18 @@ class PullResult:
     foreign_tasks: int = 0  # tasks not made by push (no capture_sha): not ours to train on
     unknown_labels: dict[str, int] = field(default_factory=dict)
     class_counts: dict[str, int] = field(default_factory=dict)  # known labels in the tree
+    sent_for_review: dict[str, int] = field(default_factory=dict)  # this pull, by reason
+    waiting_for_review: int = 0  # labels held back until their review is answered
+    reviewed: int = 0  # labels decided by a review (they train)
+
+
+@dataclass(frozen=True)
+class ReviewRow:
+    task_id: int
+    review_task_id: int
+    first_label: str
+    reason: str
+    decided: str | None
 
 
 def answer(annotation: dict) -> str | None:
@@ -96,6 +130,12 @@ def answer(annotation: dict) -> str | None:
 
 def chosen_label(annotations: list[dict]) -> tuple[str, int, float, str] | None:
     """(label, counted annotations, agreement, newest update) by the documented rule."""
+    decided = _chosen(annotations)
+    return None if decided is None else decided[:4]
+
+
+def _chosen(annotations: list[dict]) -> tuple[str, int, float, str, bool] | None:
+    """chosen_label's tuple and whether a ground-truth annotation decided it."""
     votes = []
     for annotation in annotations:
         choice = answer(annotation)
@@ -114,7 +154,7 @@ def chosen_label(annotations: list[dict]) -> tuple[str, int, float, str] | None:
         tied = {name for name, n in counts.items() if n == top}
         label = max((v for v in votes if v[0] in tied), key=lambda v: v[1])[0]
     agreement = sum(v[0] == label for v in votes) / len(votes)
-    return label, len(votes), agreement, newest
+    return label, len(votes), agreement, newest, bool(ground_truth)
 
 
 Answer = tuple[int, str, str]  # (task id, annotator, label)
@@ -140,27 +180,95 @@ def task_answers(task_id: int, annotations: list[dict], names: dict[int, str]) -
     return [(task_id, name, choice) for name, (choice, _) in newest.items()]
 
 
-def remote_labels(client: LabelStudio, project: Project
-                  ) -> tuple[dict[int, Label], list[Answer], PullResult]:
-    result = PullResult()
-    labels: dict[int, Label] = {}
-    answers: list[Answer] = []
+@dataclass
+class Remote:
+    """What Label Studio has, sorted out: labels that may train, the answers, the review
+    tasks' state and the reviews still to create."""
+    labels: dict[int, Label] = field(default_factory=dict)
+    answers: list[Answer] = field(default_factory=list)  # the tasks' own, not reviews'
+    reviews: list[ReviewRow] = field(default_factory=list)
+    to_review: list[tuple[object, Label, Review]] = field(default_factory=list)  # (task, ..)
+
+
+def remote_labels(client: LabelStudio, project: Project, local: dict[int, Label],
+                  served: dict[str, list[float]], review_below: float | None
+                  ) -> tuple[Remote, PullResult]:
+    """Every task's label by the documented rule; a new or changed label that needs review
+    (review_below None: none does) is held back, as is one whose review waits."""
+    result, remote = PullResult(), Remote()
     with unavailable_as_error("reading annotations"):
         tasks = list(client.tasks.list(project=project.id, fields="all"))
     names = annotator_names(client)
+    review_tasks = {int(t.data["review_of"]): t for t in tasks if "review_of" in (t.data or {})}
     for task in tasks:
-        sha = (task.data or {}).get("capture_sha")
-        decided = chosen_label(task.annotations or [])
+        data = task.data or {}
+        if "review_of" in data:
+            continue
+        sha = data.get("capture_sha")
+        decided = _chosen(task.annotations or [])
         if decided is None:
             result.skipped_tasks += bool(task.annotations)
             continue
         if sha is None:
             result.foreign_tasks += 1
             continue
-        label, count, agreement, updated = decided
-        labels[task.id] = Label(sha, label, label in project.classes, count, agreement, updated)
-        answers += task_answers(task.id, task.annotations or [], names)
-    return labels, answers, result
+        label, count, agreement, updated, ground_truth = decided
+        given = Label(sha, label, label in project.classes, count, agreement, updated)
+        answers = task_answers(task.id, task.annotations or [], names)
+        remote.answers += answers
+        review = review_tasks.get(task.id)
+        if review is not None:
+            verdict = chosen_label(review.annotations or [])
+            remote.reviews.append(ReviewRow(task.id, review.id, str(review.data.get(
+                "first_answer", label)), str(review.data.get("review_reason", "")),
+                verdict[0] if verdict else None))
+            if verdict is None:
+                result.waiting_for_review += 1
+                continue
+            result.reviewed += 1
+            remote.labels[task.id] = Label(sha, verdict[0], verdict[0] in project.classes,
+                                           count + verdict[1], verdict[2], verdict[3])
+            continue
+        check = None
+        if review_below is not None and local.get(task.id) != given:
+            probs = served.get(sha)
+            check = needs_review(label, [a[2] for a in answers], ground_truth,
+                                 None if probs is None else np.asarray(probs),
+                                 project.classes, review_below)
+        if check is not None:
+            remote.to_review.append((task, given, check))
+            result.waiting_for_review += 1
+            continue
+        remote.labels[task.id] = given
+    return remote, result
+
+
+def review_payload(task: object, given: Label, review: Review) -> dict:
+    """The review task: the same image, the disagreement shown, first in the queue (push's
+    queue scores are above -push number: labeling.push.queue_score)."""
+    data = task.data or {}
+    return {"data": {IMAGE_KEY: data[IMAGE_KEY], "capture_image": data.get("capture_image"),
+                     "review_of": task.id, "review_sha": given.sha,
+                     "first_answer": given.label, "review_reason": review.reason,
+                     REVIEW_NOTE_KEY: f"Review: {review.note} Choose what the image shows."},
+            "predictions": [{"model_version": QUEUE_MODEL_VERSION, "result": [],
+                             "score": -1e9}]}
+
+
+def send_for_review(client: LabelStudio, project: Project, remote: Remote,
+                    result: PullResult) -> None:
+    """Create the review tasks; each is found again by the next pull (data.review_of)."""
+    if not remote.to_review:
+        return
+    payloads = [review_payload(task, given, review) for task, given, review in remote.to_review]
+    with unavailable_as_error(f"creating {len(payloads)} review tasks"):
+        response = client.projects.import_tasks(id=project.id, request=payloads,
+                                                 return_task_ids=True)
+    for (task, given, review), review_id in zip(remote.to_review, response.task_ids or [],
+                                                strict=False):
+        remote.reviews.append(ReviewRow(task.id, review_id, given.label, review.reason, None))
+        result.sent_for_review[review.reason] = result.sent_for_review.get(review.reason, 0) + 1
+    log.info("sent %d labels back for review: %s", len(payloads), result.sent_for_review)
 
 
 def open_labels_db(labels_dir: Path) -> sqlite3.Connection:
@@ -178,7 +286,7 @@ def local_labels(conn: sqlite3.Connection) -> dict[int, Label]:
 
 
 def apply(conn: sqlite3.Connection, remote: dict[int, Label], answers: list[Answer],
-          result: PullResult) -> None:
+          reviews: list[ReviewRow], result: PullResult) -> None:
     """Make the labels and answers tables equal to Label Studio's, in one transaction, and
     log the pull."""
     local = local_labels(conn)
@@ -193,7 +301,11 @@ def apply(conn: sqlite3.Connection, remote: dict[int, Label], answers: list[Answ
             [(t, x.sha, x.label, int(x.known), x.annotations, x.agreement, x.updated_at)
              for t, x in remote.items() if local.get(t) != x])
         conn.execute("DELETE FROM answers")
-        conn.executemany("INSERT INTO answers VALUES (?, ?, ?)", answers)
+        conn.executemany("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)", answers)
+        conn.execute("DELETE FROM reviews")
+        conn.executemany("INSERT OR REPLACE INTO reviews VALUES (?, ?, ?, ?, ?)",
+                         [(r.task_id, r.review_task_id, r.first_label, r.reason, r.decided)
+                          for r in reviews])
         conn.execute("INSERT INTO pulls (finished_at, added, changed, removed, unknown)"
                      " VALUES (?, ?, ?, ?, ?)",
                      (datetime.now(timezone.utc).isoformat(timespec="seconds"), result.added,
@@ -246,22 +358,40 @@ def materialize(labels_dir: Path, capture_dir: Path, labels: dict[int, Label]) -
     return dict(Counter(p.parent.name for p in wanted))
 
 
-def pull(labels_dir: Path, capture_dir: Path, client: LabelStudio,
-         project: Project) -> PullResult:
+def pull(labels_dir: Path, capture_dir: Path, client: LabelStudio, project: Project,
+         model: str | None = None, review_below: float | None = REVIEW_BELOW,
+         capture_database: str | None = None) -> PullResult:
+    """Pull every label, checking the new and changed ones (labeling.label_check):
+    review_below None turns the check off; `model` names the model whose captures hold
+    the serving probabilities (None: only annotators' disagreements are checked)."""
     labels_dir, capture_dir = Path(labels_dir), Path(capture_dir)
-    remote, answers, result = remote_labels(client, project)
-    result.labelled_tasks = len(remote)
-    result.unknown_labels = dict(Counter(x.label for x in remote.values() if not x.known))
-    if result.unknown_labels:
-        log.warning("labels the model does not know (kept, not trained on): %s",
-                    result.unknown_labels)
     conn = open_labels_db(labels_dir)
     try:
-        apply(conn, remote, answers, result)
+        served = (served_probabilities(capture_dir, model, capture_database)
+                  if review_below is not None and model else {})
+        remote, result = remote_labels(client, project, local_labels(conn), served,
+                                       review_below)
+        send_for_review(client, project, remote, result)
+        result.labelled_tasks = len(remote.labels)
+        result.unknown_labels = dict(Counter(x.label for x in remote.labels.values()
+                                             if not x.known))
+        if result.unknown_labels:
+            log.warning("labels the model does not know (kept, not trained on): %s",
+                        result.unknown_labels)
+        apply(conn, remote.labels, remote.answers, remote.reviews, result)
         result.class_counts = materialize(labels_dir, capture_dir, local_labels(conn))
     finally:
         conn.close()
     return result
+
+
+def served_probabilities(capture_dir: Path, model: str,
+                         capture_database: str | None) -> dict[str, list[float]]:
+    store = CaptureStore(capture_dir, busy_timeout_s=READER_BUSY_TIMEOUT_S, url=capture_database)
+    try:
+        return store.served_probabilities(model)
+    finally:
+        store.close()
 
 
 def labelled_counts(labels_dir: Path) -> dict[str, int]:

@@ -32,7 +32,14 @@ from visionloop.core.capture_store import READER_BUSY_TIMEOUT_S, CaptureStore, i
 from visionloop.labeling.client import unavailable_as_error
 from visionloop.labeling.dedupe import NearDuplicateFilter, thumbnail_signature
 from visionloop.labeling.display import display_dir, display_image
-from visionloop.labeling.project import FROM_NAME, IMAGE_KEY, QUEUE_MODEL_VERSION, TO_NAME, Project
+from visionloop.labeling.project import (
+    FROM_NAME,
+    IMAGE_KEY,
+    QUEUE_MODEL_VERSION,
+    REVIEW_NOTE_KEY,
+    TO_NAME,
+    Project,
+)
 from visionloop.labeling.push_options import PushOptions
 from visionloop.labeling.strategies import rank
 
@@ -143,7 +150,8 @@ def task_payload(candidate: Candidate, priority: int, push_number: int, pushed: 
                  strategy: str, images: dict[str, str]) -> dict:
     choice = {"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
               "value": {"choices": [candidate.predicted]}}
-    data = {**images, "capture_sha": candidate.sha, "predicted": candidate.predicted,
+    data = {**images, REVIEW_NOTE_KEY: "", "capture_sha": candidate.sha,
+            "predicted": candidate.predicted,
             "push": push_number, "priority": priority, "strategy": strategy,
             "model_version": candidate.model_version,
             **{k: round(v, 4) for k, v in candidate.scores.items()}}

@@ -11,7 +11,7 @@ from visionloop.demo import Demo, DemoConfig
 from visionloop.labeling import server as labelstudio_server
 from visionloop.serving import server as torchserve_server
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def test_quick_demo_runs_the_whole_loop_and_reports(small_scenario, trained_version, tmp_path):

@@ -34,6 +34,7 @@ from visionloop.labeling.backend_auth import SECRET_HEADER
 from visionloop.labeling.backend_server import BackendServer, serve_in_thread
 from visionloop.labeling.client import AuthHeader, LabelStudioUnavailable, connect
 from visionloop.labeling.events import RetrainTrigger
+from visionloop.labeling.label_check import REVIEW_BELOW
 from visionloop.labeling.predictor import Predictor
 from visionloop.labeling.project import (
     FROM_NAME,
@@ -448,11 +449,22 @@ def test_two_annotators_overlap_and_disagreements_follow_the_rule(
     client.annotations.update(id=mine[client.users.whoami().id], ground_truth=True)
 
     labels = tmp_path / "labels"
-    pull(labels, root, client, project)
-    decided = {p.name.split(".")[0]: p.parent.name for p in (labels / "images").rglob("*")
-               if p.is_file()}
-    # agreement -> that label; ground truth decides; a tie goes to the newest answer
-    assert [decided[t.data["capture_sha"]] for t in tasks] == [c[0], c[1], c[2], c[5]]
+    first = pull(labels, root, client, project)
+    decided = tree_labels(labels)
+    # agreement -> that label; ground truth decides; a tie is not decided by a rule but goes
+    # back for review, and waits
+    assert [decided.get(t.data["capture_sha"]) for t in tasks] == [c[0], c[1], c[2], None]
+    assert first.sent_for_review == {"annotators disagree": 1}
+    assert first.waiting_for_review == 1
+    review = review_task_of(client, project, tasks[3].id)
+    assert all(f"{name} x1" in review.data["review_note"] for name in (c[3], c[5]))
+    again = pull(labels, root, client, project)  # sent once
+    assert again.sent_for_review == {} and again.waiting_for_review == 1
+    assert len([t for t in tasks_of(client, project) if "review_of" in t.data]) == 1
+    client.annotations.create(id=review.id, result=choice(c[5]))  # the reviewer decides
+    reviewed = pull(labels, root, client, project)
+    assert reviewed.reviewed == 1 and reviewed.waiting_for_review == 0
+    assert tree_labels(labels)[tasks[3].data["capture_sha"]] == c[5]
     report = annotator_report(labels)
     assert report["annotators"] == {
         labelstudio.username: {"answers": 4, "agree_with_label": 0.75},
@@ -463,6 +475,58 @@ def test_two_annotators_overlap_and_disagreements_follow_the_rule(
     shown = run_cli("label", "status", "--labels-dir", str(labels))
     assert shown.returncode == 0 and json.loads(shown.stdout) == report
     print(f"\nvisionloop label status: {json.dumps(report)}")
+
+
+def tree_labels(labels: Path) -> dict[str, str]:
+    """Image sha -> the class folder pull put it in (what trains)."""
+    return {p.name.split(".")[0]: p.parent.name for p in (labels / "images").rglob("*")
+            if p.is_file()}
+
+
+def review_task_of(client, project, task_id: int):
+    reviews = [t for t in tasks_of(client, project) if t.data.get("review_of") == task_id]
+    assert len(reviews) == 1, reviews
+    return reviews[0]
+
+
+def test_a_label_the_model_contradicts_goes_back_for_review_once(
+        labelstudio, trained_version, pool_predictions, tmp_path):
+    root = capture_store(labelstudio, "check", pool_predictions[:8])
+    client, manifest, project = project_for(labelstudio, trained_version, "label check")
+    push(root, client, project, manifest.name, MINORITY, PushOptions(budget=2),
+         files_root=labelstudio.files_root)
+    tasks = sorted(tasks_of(client, project), key=lambda t: t.data["priority"])
+    store = CaptureStore(root)
+    served = store.served_probabilities(manifest.name)
+    store.close()
+    doubted, trusted = tasks
+    probs = served[doubted.data["capture_sha"]]
+    least = min(range(len(probs)), key=probs.__getitem__)
+    assert probs[least] < REVIEW_BELOW, probs  # a class the model is sure it is not
+    wrong = manifest.classes[least]
+    likely = manifest.classes[max(range(len(probs)), key=served[trusted.data["capture_sha"]]
+                                  .__getitem__)]
+    client.annotations.create(id=doubted.id, result=choice(wrong))
+    client.annotations.create(id=trusted.id, result=choice(likely))
+
+    labels = tmp_path / "labels"
+    first = pull(labels, root, client, project, model=manifest.name)
+    assert first.sent_for_review == {"model disagrees": 1} and first.labelled_tasks == 1
+    assert tree_labels(labels) == {trusted.data["capture_sha"]: likely}
+    review = review_task_of(client, project, doubted.id)
+    assert f"Labelled '{wrong}'" in review.data["review_note"]
+    assert review.data["image"] == doubted.data["image"]
+    assert next_task_id(labelstudio, project) == review.id  # reviews come first
+    assert pull(labels, root, client, project, model=manifest.name).sent_for_review == {}
+    right = next(c for c in manifest.classes if c != wrong)
+    client.annotations.create(id=review.id, result=choice(right))
+    done = pull(labels, root, client, project, model=manifest.name)
+    assert done.reviewed == 1 and done.labelled_tasks == 2
+    assert tree_labels(labels)[doubted.data["capture_sha"]] == right
+    # a review once answered decides, with the check off too
+    unchecked = tmp_path / "unchecked"
+    pull(unchecked, root, client, project, model=manifest.name, review_below=None)
+    assert tree_labels(unchecked)[doubted.data["capture_sha"]] == right
 
 
 def test_a_personal_access_token_works_for_every_call_the_project_makes(

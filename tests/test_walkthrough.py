@@ -83,6 +83,7 @@ def stop_servers(workdir: Path, env: dict[str, str]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_the_readme_walkthrough_runs_as_written_on_real_photos(tmp_path):
     blocks = readme_blocks()
     assert len(blocks) == 2, "the walkthrough has two shell blocks, labelling between them"

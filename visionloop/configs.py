@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from visionloop.core.errors import InputError
+from visionloop.labeling.label_check import REVIEW_BELOW
 from visionloop.serving.capture import CAPTURE_BELOW, CAPTURES_PER_MINUTE
 
 RETRAIN_LEARNERS = ("champion", "auto", "head", "finetune")
@@ -24,6 +25,10 @@ class RetrainConfig:
     labels_dir: Path = Path("labels")  # what `visionloop label pull` writes
     capture_dir: Path = Path("captures")
     pull: bool = True  # pull from Label Studio first (off: use labels_dir as it is)
+    # a pulled label the serving model gives a calibrated probability below this goes back
+    # to Label Studio for review before it trains (labeling.label_check); 0: no check
+    review_below: float = REVIEW_BELOW
+    capture_database: str | None = None  # the capture index's URL; None: SQLite in capture_dir
     min_new_labels: int = 20  # fewer new labels since the last attempt: do nothing
     # the challenger, warm-started from the champion. champion (default): as the champion
     # was trained: its frozen backbone (pretrained, or fine-tuned by its learner) and its

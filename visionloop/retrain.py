@@ -304,6 +304,8 @@ def pull_labels(cfg: RetrainConfig, labelstudio: LabelStudioConfig) -> None:
     manifest = store.load_manifest(cfg.name, Registry(store, cfg.name).champion())
     client = connect(labelstudio)
     project = ensure_project(client, cfg.project or default_title(cfg.name), manifest.classes)
-    result = pull(cfg.labels_dir, cfg.capture_dir, client, project)
-    log.info("pulled: %d labelled tasks (+%d, ~%d, -%d)", result.labelled_tasks, result.added,
-             result.changed, result.removed)
+    result = pull(cfg.labels_dir, cfg.capture_dir, client, project, model=cfg.name,
+                  review_below=cfg.review_below or None, capture_database=cfg.capture_database)
+    log.info("pulled: %d labelled tasks (+%d, ~%d, -%d); %d waiting for review, %d sent now",
+             result.labelled_tasks, result.added, result.changed, result.removed,
+             result.waiting_for_review, sum(result.sent_for_review.values()))
