@@ -129,10 +129,14 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     for command in (push, pull, backend, connect):
         add_model_arguments(command)
         add_server_arguments(command)
-    status = sub.add_parser("status", help="per-annotator answers and agreement, from the "
-                                           "last pull (no Label Studio needed)")
+    status = sub.add_parser("status", help="per-annotator answers and agreement, labels "
+                                           "waiting for review (from the last pull) and the "
+                                           "serving traffic's drift; no Label Studio needed")
     status.add_argument("--labels-dir", type=Path, default=Path("labels"),
                         help="pulled labels: labels.sqlite3 and an ImageFolder tree")
+    status.add_argument("--capture-dir", type=Path, default=Path("captures"),
+                        help="where serving writes captures and its drift readings")
+    status.add_argument("--name", default="classifier", help="the model whose drift to show")
 
 
 def _project(args: argparse.Namespace, client):
@@ -224,9 +228,14 @@ def _connect(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from visionloop.labeling.pull import annotator_report
+    from visionloop.core.drift import latest_readings
+    from visionloop.labeling.pull import annotator_report, review_report
 
-    print(json.dumps(annotator_report(args.labels_dir), indent=2))
+    drift = latest_readings(args.capture_dir, args.name)
+    print(json.dumps({**annotator_report(args.labels_dir),
+                      "reviews": review_report(args.labels_dir),
+                      "drift": {"drifted": any(r["drifted"] for r in drift),
+                                "workers": drift}}, indent=2))
     return 0
 
 

@@ -438,3 +438,20 @@ def annotator_report(labels_dir: Path) -> dict:
             "tasks_with_several_answers": sum(len(a) > 1 for a in by_task.values()),
             "tasks_with_disagreement": sum(len(set(a.values())) > 1 for a in by_task.values()),
             "annotators": annotators, "pairs": pairs}
+
+
+def review_report(labels_dir: Path) -> dict:
+    """Labels sent back for review, as of the last pull: waiting and decided, by reason."""
+    if not (Path(labels_dir) / "labels.sqlite3").exists():
+        return {"waiting": 0, "decided": 0, "by_reason": {}}
+    conn = open_labels_db(Path(labels_dir))
+    try:
+        rows = conn.execute("SELECT reason, decided IS NOT NULL, COUNT(*) FROM reviews"
+                            " GROUP BY reason, decided IS NOT NULL").fetchall()
+    finally:
+        conn.close()
+    by_reason: dict[str, int] = {}
+    for reason, _, count in rows:
+        by_reason[reason] = by_reason.get(reason, 0) + count
+    return {"waiting": sum(c for _, done, c in rows if not done),
+            "decided": sum(c for _, done, c in rows if done), "by_reason": by_reason}

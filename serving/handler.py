@@ -18,6 +18,7 @@ from typing import Any
 from visionloop.core.manifest import ModelManifest
 from visionloop.serving.backends import load_backend
 from visionloop.serving.capture import CapturePolicy, Capturer
+from visionloop.serving.drift_monitor import DriftMonitor
 from visionloop.serving.inference import BadInput, Limits, predict_batch
 from visionloop.serving.inflight import INFLIGHT_ENV, clear_dead_markers, marked
 from visionloop.serving.metrics import emit as emit_metrics
@@ -54,6 +55,7 @@ class VisionloopHandler:
         self.backend = load_backend(artifact, props.get("gpu_id"))
         capture_dir = os.environ.get("VISIONLOOP_CAPTURE_DIR")
         self.capture = Capturer(capture_dir, self.config.capture) if capture_dir else None
+        self.drift = DriftMonitor(self.manifest, capture_dir)
         # the name and version TorchServe registered, for the in-flight marker a drain reads
         self.registered = (context.model_name or self.manifest.name,
                            context.manifest.get("model", {}).get("modelVersion")
@@ -91,7 +93,8 @@ class VisionloopHandler:
                 after = self.capture.counts
                 captured, spooled = sum(flags), after["spooled"] - before["spooled"]
                 errors = sum(after[k] - before[k] for k in ("errors", "dropped_spool_full"))
-            emit_metrics(context.metrics, answered, captured, errors, spooled)
+            emit_metrics(context.metrics, answered, captured, errors, spooled,
+                         self.drift.observe(answered))
             for i, reply, flag in zip(good, answered, flags, strict=True):
                 bodies[i] = reply.with_serving(flag, self.backend.name).to_dict()
         return [json.dumps(body) for body in bodies]

@@ -8,13 +8,17 @@ model_metrics_auto_detect=true) with its default ModelName and Level labels:
 - CaptureErrors{ModelVersion}: captures that failed or were dropped with the spool full (the
   reply went out regardless);
 - CapturesSpooled{ModelVersion}: of the captured, those the index could not take, kept in the
-  spool until it is back (core.capture_spool).
+  spool until it is back (core.capture_spool);
+- TrafficDrift{ModelVersion, Statistic}: gauges of the worker's last window of traffic
+  (serving.drift_monitor): Statistic "distance" and "mix" with their thresholds
+  ("distance_threshold", "mix_threshold") and "drifted" (1 when either crosses).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from visionloop.core.drift import DriftReading
 from visionloop.core.reply import Prediction
 
 BINS = 10
@@ -26,7 +30,7 @@ def confidence_bin(max_prob: float) -> str:
 
 
 def emit(metrics: Any, replies: list[Prediction], captured: int, capture_errors: int,
-         spooled: int = 0) -> None:
+         spooled: int = 0, drift: DriftReading | None = None) -> None:
     """Record one handled batch; `metrics` is TorchServe's context.metrics."""
     from ts.metrics.dimension import Dimension  # TorchServe's own type, only inside a worker
 
@@ -39,3 +43,12 @@ def emit(metrics: Any, replies: list[Prediction], captured: int, capture_errors:
         metrics.add_counter("CapturedPredictions", captured, dimensions=version)
         metrics.add_counter("CaptureErrors", capture_errors, dimensions=version)
         metrics.add_counter("CapturesSpooled", spooled, dimensions=version)
+    if replies and drift is not None:
+        from ts.metrics.metric_type_enum import MetricTypes
+
+        for statistic, value in (("distance", drift.distance), ("mix", drift.mix),
+                                 ("distance_threshold", drift.distance_threshold),
+                                 ("mix_threshold", drift.mix_threshold),
+                                 ("drifted", float(drift.drifted))):
+            metrics.add_metric("TrafficDrift", value, "", dimensions=[
+                *version, Dimension("Statistic", statistic)], metric_type=MetricTypes.GAUGE)

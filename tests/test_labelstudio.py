@@ -472,8 +472,12 @@ def test_two_annotators_overlap_and_disagreements_follow_the_rule(
     assert report["pairs"] == {f"{labelstudio.username} | {second_email}":
                                {"shared_tasks": 4, "agreement": 0.5}}
     assert report["tasks_with_several_answers"] == 4 and report["tasks_with_disagreement"] == 2
-    shown = run_cli("label", "status", "--labels-dir", str(labels))
-    assert shown.returncode == 0 and json.loads(shown.stdout) == report
+    shown = run_cli("label", "status", "--labels-dir", str(labels),
+                    "--capture-dir", str(root))
+    status = json.loads(shown.stdout)
+    assert shown.returncode == 0 and {k: status[k] for k in report} == report
+    assert status["reviews"] == {"waiting": 0, "decided": 1,
+                                 "by_reason": {"annotators disagree": 1}}
     print(f"\nvisionloop label status: {json.dumps(report)}")
 
 

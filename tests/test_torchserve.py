@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 import shutil
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -12,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from skimage import data as skdata
 
 from tests.servers import free_ports, oversize_status, predict
 from visionloop.core.capture_store import CaptureStore, image_path
+from visionloop.core.drift import latest_readings
 from visionloop.core.manifest import ModelManifest
 from visionloop.core.preprocess import preprocess_image
 from visionloop.serving import server
@@ -129,6 +132,41 @@ def test_uncertain_predictions_are_in_the_capture_store(torchserve, small_scenar
     assert any(line.startswith("PredictionConfidence{") and "ConfidenceBin=" in line
                and "PredictedClass=" in line for line in lines)
     assert any(line.startswith("CaptureErrors{") for line in lines)
+
+
+def test_the_traffic_drift_is_read_exported_and_moves_with_the_inputs(
+        torchserve, trained_version, small_scenario):
+    manifest = ModelManifest.load(trained_version)
+    window = manifest.metrics["drift_reference"]["window"]
+    tests = sorted((small_scenario / "test").rglob("*.png"))
+    random.Random(0).shuffle(tests)  # every class in the window, in the test split's mix
+    assert len(tests) >= window
+
+    def stream(bodies: list[bytes]) -> dict:
+        with ThreadPoolExecutor(4) as pool:
+            statuses = [s for s, _ in pool.map(
+                lambda b: predict(torchserve, "fm_onnx", b), bodies)]
+        assert statuses == [200] * len(bodies)
+        time.sleep(1.1)  # a worker writes its reading at most once a second
+        predict(torchserve, "fm_onnx", bodies[0])
+        readings = latest_readings(torchserve.capture_dir, manifest.name)
+        assert readings, "no worker wrote a drift reading"
+        return readings[0]
+
+    like_test = stream([p.read_bytes() for p in tests[:window]])
+    assert not like_test["drifted"], like_test
+    assert like_test["predictions"] == window
+    inverted = stream([_png(ImageOps.invert(Image.open(p).convert("L")))
+                       for p in tests[:window]])
+    assert inverted["distance"] > inverted["distance_threshold"] > like_test["distance"], inverted
+    metrics = urllib.request.urlopen(f"{torchserve.url('metrics')}/metrics", timeout=10).read()
+    gauges = {line.split("Statistic=\"")[1].split("\"")[0]: float(line.rsplit(" ", 1)[1])
+              for line in metrics.decode().splitlines()
+              if line.startswith("TrafficDrift{") and 'ModelName="fm_onnx"' in line}
+    assert gauges["drifted"] == 1.0 and gauges["distance"] > gauges["distance_threshold"]
+    print(f"\ndrift: like the test split {like_test['distance']:.1f} (threshold "
+          f"{like_test['distance_threshold']:.1f}, mix {like_test['mix']:.3f}); inverted "
+          f"{inverted['distance']:.1f} (mix {inverted['mix']:.3f})")
 
 
 def test_promotion_under_load_drops_no_request(trained_version, small_scenario, tmp_path):

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from visionloop.core.bootstrap import paired_difference
 from visionloop.core.classes import minority_classes
+from visionloop.core.drift import fit_reference
 from visionloop.core.errors import InputError
 from visionloop.core.fsutil import sha256_file
 from visionloop.core.manifest import Artifact, ModelManifest, Preprocessing
@@ -551,6 +552,16 @@ def _score(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.3f}"
 
 
+def drift_reference(trained: Trained, splits: Splits) -> dict | None:
+    """core.drift's reference for the served model: class centres from its val/ logits,
+    thresholds from its test/ logits; None when a split is too small to estimate them."""
+    val_labels = np.array([label for _, label in splits.val])
+    if len(val_labels) < 2 or len(trained.test_logits) < 2:
+        return None
+    return fit_reference(trained.val_logits.double().numpy(), val_labels,
+                         trained.test_logits.double().numpy()).to_dict()
+
+
 def run_training(cfg: TrainConfig) -> Path | None:
     """Train, evaluate, calibrate, export and publish; returns the version dir (rank 0)."""
     ctx = init_distributed(cfg.device)
@@ -577,6 +588,7 @@ def run_training(cfg: TrainConfig) -> Path | None:
         version_dir = None
         if ctx.is_main:
             metrics = trained.metrics
+            metrics["drift_reference"] = drift_reference(trained, splits)
             # the chosen candidate's options are what trained it (its learner, arch, size)
             used = replace(trained.cfg, parent=cfg.parent, work_dir=cfg.work_dir)
             version_dir = write_version(used, store, trained.start, splits, metrics,

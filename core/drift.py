@@ -1,0 +1,138 @@
+"""How far recent traffic is from the training data, measured on the served model's logits.
+
+The logits are a linear projection of the embeddings the model computes anyway (its head),
+so the measure costs nothing at serving time. Two statistics over a window of the last
+`window` predictions:
+- distance: the mean over the window of each prediction's squared Mahalanobis distance to
+  the nearest class centre (shared covariance, as in Lee et al., NeurIPS 2018, here on the
+  head's K outputs instead of the features);
+- mix: the total-variation distance between the window's predicted-class mix and the
+  reference's.
+Logits are centred per row first (a softmax does not see a constant added to a row), so
+the serving side can recover them from its calibrated probabilities: T * log p.
+The trainer fits the centres on its validation logits (labelled, held out from training:
+the logits of training images are overconfident) and calibrates both thresholds on its test
+logits, a second held-out sample: the (1 - false_alarm) quantile of each statistic over
+bootstrap windows of test predictions, so a window of traffic like the data the model was
+trained on crosses it with probability ~false_alarm. The predicted-class mix of the test
+split is the reference mix. Traffic drifted when either statistic crosses its threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+WINDOW = 200  # predictions per window: ~1% false alarms need the quantile of a mean
+FALSE_ALARM = 0.01
+BOOTSTRAP_WINDOWS = 2000
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    class_means: list[list[float]]  # K x K: the training logits' centre per class
+    precision: list[list[float]]  # K x K: inverse of their shared covariance
+    mix: list[float]  # the predicted-class mix on validation
+    window: int
+    distance_threshold: float
+    mix_threshold: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DriftReference:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class DriftReading:
+    predictions: int
+    distance: float
+    mix: float
+    distance_threshold: float
+    mix_threshold: float
+
+    @property
+    def drifted(self) -> bool:
+        return self.distance > self.distance_threshold or self.mix > self.mix_threshold
+
+
+def centred(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    return logits - logits.mean(axis=1, keepdims=True)
+
+
+def logits_from_probabilities(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Centred logits back from softmax(logits / T) (probabilities kept to 1e-6)."""
+    return centred(temperature * np.log(np.clip(probabilities, 1e-6, 1.0)))
+
+
+def _distances(logits: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    gaps = logits[:, None, :] - means[None, :, :]  # N x K x K
+    return np.einsum("nkd,de,nke->nk", gaps, precision, gaps).min(axis=1)
+
+
+def _mix(logits: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.bincount(logits.argmax(axis=1), minlength=n_classes) / max(1, len(logits))
+
+
+def fit_reference(centre_logits: np.ndarray, centre_labels: np.ndarray,
+                  threshold_logits: np.ndarray, window: int = WINDOW,
+                  false_alarm: float = FALSE_ALARM, seed: int = 0) -> DriftReference:
+    """Class centres and covariance from labelled held-out logits (val/), the mix and the
+    thresholds from bootstrap windows of a second held-out set (test/)."""
+    centre_logits, threshold_logits = centred(centre_logits), centred(threshold_logits)
+    n_classes = centre_logits.shape[1]
+    present = [k for k in range(n_classes) if (centre_labels == k).any()]
+    means = np.stack([centre_logits[centre_labels == k].mean(axis=0) if k in present
+                      else np.full(n_classes, np.inf) for k in range(n_classes)])
+    residuals = np.concatenate([centre_logits[centre_labels == k] - means[k] for k in present])
+    covariance = np.cov(residuals, rowvar=False) + 1e-6 * np.eye(n_classes)
+    precision = np.linalg.pinv(covariance)
+    finite = np.where(np.isfinite(means), means, 1e12)  # an absent class is never nearest
+    distance = _distances(threshold_logits, finite, precision)
+    predicted = threshold_logits.argmax(axis=1)
+    mix = np.bincount(predicted, minlength=n_classes) / len(predicted)
+    rows = np.random.default_rng(seed).integers(0, len(predicted), (BOOTSTRAP_WINDOWS, window))
+    distance_windows = distance[rows].mean(axis=1)
+    mix_windows = np.array([0.5 * np.abs(np.bincount(predicted[r], minlength=n_classes)
+                                         / window - mix).sum() for r in rows])
+    quantile = 100 * (1 - false_alarm)
+    return DriftReference(finite.tolist(), precision.tolist(), mix.tolist(), window,
+                          float(np.percentile(distance_windows, quantile)),
+                          float(np.percentile(mix_windows, quantile)))
+
+
+def read(reference: DriftReference, logits: np.ndarray) -> DriftReading:
+    """The statistics of one window of logits (its last `reference.window` rows)."""
+    recent = centred(logits)[-reference.window:]
+    means, precision = np.asarray(reference.class_means), np.asarray(reference.precision)
+    distance = float(_distances(recent, means, precision).mean()) if len(recent) else 0.0
+    mix = float(0.5 * np.abs(_mix(recent, len(reference.mix)) - np.asarray(reference.mix)).sum())
+    return DriftReading(len(recent), distance, mix, reference.distance_threshold,
+                        reference.mix_threshold)
+
+
+def drift_dir(capture_dir: str | Path) -> Path:
+    """Where serving workers write their latest reading (serving.drift_monitor)."""
+    return Path(capture_dir) / "drift"
+
+
+def latest_readings(capture_dir: str | Path, model: str, max_age_s: float = 3600.0) -> list[dict]:
+    """The readings the serving workers wrote for `model` in the last max_age_s, newest
+    first."""
+    folder = drift_dir(capture_dir)
+    readings = []
+    for path in folder.glob(f"{model}-*.json") if folder.exists() else []:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if time.time() - data.get("written_at", 0) <= max_age_s:
+            readings.append(data)
+    return sorted(readings, key=lambda d: d["written_at"], reverse=True)

@@ -1,0 +1,64 @@
+"""core.drift: the measure stays under its thresholds on traffic like the reference's, and
+crosses them when the inputs or the class mix move."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from visionloop.core.drift import (
+    DriftReference,
+    centred,
+    fit_reference,
+    logits_from_probabilities,
+    read,
+)
+
+CLASSES = 5
+
+
+def logits_like(rng: np.random.Generator, labels: np.ndarray, offset: float = 0.0) -> np.ndarray:
+    """Logits that point at their class (a centre per class, unit noise), moved by offset
+    along a direction a softmax sees (adding the same to every logit it would not)."""
+    centres = 4.0 * np.eye(CLASSES)
+    direction = np.array([1.0, -1.0, 1.0, -1.0, 0.0])
+    return centres[labels] + rng.normal(size=(len(labels), CLASSES)) + offset * direction
+
+
+def long_tailed(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.choice(CLASSES, n, p=[0.4, 0.3, 0.2, 0.07, 0.03])
+
+
+def test_unshifted_traffic_rarely_alarms_and_shifted_traffic_does():
+    rng = np.random.default_rng(0)
+    val_y, test_y = long_tailed(rng, 600), long_tailed(rng, 2000)
+    reference = fit_reference(logits_like(rng, val_y), val_y, logits_like(rng, test_y),
+                              window=100)
+    same = [read(reference, logits_like(rng, long_tailed(rng, 100))).drifted
+            for _ in range(300)]
+    assert sum(same) / len(same) < 0.05  # ~1% by construction
+    moved = [read(reference, logits_like(rng, long_tailed(rng, 100), offset=1.5)).drifted
+             for _ in range(50)]
+    assert all(moved)
+    balanced = [read(reference, logits_like(rng, rng.choice(CLASSES, 100))) for _ in range(50)]
+    assert all(r.mix > r.mix_threshold for r in balanced)
+
+
+def test_logits_come_back_from_calibrated_probabilities():
+    rng = np.random.default_rng(2)
+    logits = logits_like(rng, long_tailed(rng, 20))
+    e = np.exp((logits - logits.max(axis=1, keepdims=True)) / 1.7)
+    recovered = logits_from_probabilities(e / e.sum(axis=1, keepdims=True), 1.7)
+    assert np.allclose(recovered, centred(logits), atol=1e-6)
+
+
+def test_the_reference_round_trips_and_reads_the_last_window():
+    rng = np.random.default_rng(1)
+    y = long_tailed(rng, 400)
+    reference = fit_reference(logits_like(rng, y), y, logits_like(rng, y), window=50)
+    again = DriftReference.from_dict(reference.to_dict())
+    stream = np.concatenate([logits_like(rng, long_tailed(rng, 500), offset=3.0),
+                             logits_like(rng, long_tailed(rng, 50))])
+    reading = read(again, stream)
+    assert reading == read(reference, stream[-50:])  # only the recent window counts
+    assert reading.predictions == 50
+    assert reading.distance < read(reference, stream[:500]).distance / 2
