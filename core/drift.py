@@ -133,6 +133,7 @@ def latest_readings(capture_dir: str | Path, model: str, max_age_s: float = 3600
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if time.time() - data.get("written_at", 0) <= max_age_s:
+        # "fm-*" also matches a model named "fm-large": the reading names its model
+        if data.get("model") == model and time.time() - data.get("written_at", 0) <= max_age_s:
             readings.append(data)
     return sorted(readings, key=lambda d: d["written_at"], reverse=True)

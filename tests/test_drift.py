@@ -62,3 +62,27 @@ def test_the_reference_round_trips_and_reads_the_last_window():
     assert reading == read(reference, stream[-50:])  # only the recent window counts
     assert reading.predictions == 50
     assert reading.distance < read(reference, stream[:500]).distance / 2
+
+
+def test_retrain_sees_a_fresh_drifted_reading_only(tmp_path):
+    import json
+    import time
+
+    from visionloop.configs import RetrainConfig
+    from visionloop.core.drift import drift_dir
+    from visionloop.retrain import traffic_drifted
+
+    cfg = RetrainConfig(name="fm", capture_dir=tmp_path)
+    assert not traffic_drifted(cfg)  # no worker has written one
+    folder = drift_dir(tmp_path)
+    folder.mkdir()
+    now = time.time()
+    for name, model, drifted, written in (("fm-11", "fm", False, now),
+                                          ("fm-large-12", "fm-large", True, now),
+                                          ("fm-13", "fm", True, now - 7200)):
+        (folder / f"{name}.json").write_text(json.dumps(
+            {"model": model, "drifted": drifted, "written_at": written}))
+    assert not traffic_drifted(cfg)  # another model's, and an old one, do not count
+    (folder / "fm-14.json").write_text(json.dumps({"model": "fm", "drifted": True,
+                                                   "written_at": now}))
+    assert traffic_drifted(cfg)

@@ -30,6 +30,9 @@ class RetrainConfig:
     review_below: float = REVIEW_BELOW
     capture_database: str | None = None  # the capture index's URL; None: SQLite in capture_dir
     min_new_labels: int = 20  # fewer new labels since the last attempt: do nothing
+    # when a serving worker reports the traffic drifted (core.drift), retrain on any new
+    # label instead of waiting for min_new_labels
+    drift_trigger: bool = True
     # the challenger, warm-started from the champion. champion (default): as the champion
     # was trained: its frozen backbone (pretrained, or fine-tuned by its learner) and its
     # linear head re-fit on cached embeddings of all base data + labels, the champion's

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from visionloop.configs import RetrainConfig
+from visionloop.core.drift import latest_readings
 from visionloop.core.errors import InputError
 from visionloop.core.failpoints import failpoint
 from visionloop.core.fsutil import atomic_write_json
@@ -258,8 +259,12 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
             pull_labels(cfg, labelstudio)
         current = label_files(cfg.labels_dir)
         new = current - labels_already_used(store, cfg.name)
-        if len(new) < cfg.min_new_labels:
-            log.info("%d new labels (< %d): nothing to do", len(new), cfg.min_new_labels)
+        needed = cfg.min_new_labels
+        if cfg.drift_trigger and traffic_drifted(cfg):
+            needed = 1  # the traffic moved: fold in what labels there are now
+            log.info("the served traffic has drifted: retraining on any new label")
+        if len(new) < needed:
+            log.info("%d new labels (< %d): nothing to do", len(new), needed)
             return None
         # pin it before a challenger is published: "newest version" would point at that
         registry.set_champion(champion)
@@ -297,6 +302,12 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
         if stopped is not None:
             raise stopped
         return decision
+
+
+def traffic_drifted(cfg: RetrainConfig) -> bool:
+    """Whether a serving worker's latest reading (core.drift, written beside the captures
+    within the last hour) says the traffic drifted."""
+    return any(r["drifted"] for r in latest_readings(cfg.capture_dir, cfg.name))
 
 
 def pull_labels(cfg: RetrainConfig, labelstudio: LabelStudioConfig) -> None:
