@@ -1,6 +1,8 @@
 """One small HTTP server for Label Studio to call: the ML-backend protocol and webhooks.
 
     GET  /health    {"status": "UP"} (+ "model_version" for an authorised caller)
+    GET  /metrics   Prometheus text: the loop's counts from the stores (labeling.loop_metrics)
+                    and /predict latency; no secret, as scrapers expect (it names no data)
     POST /setup     Label Studio connects a project -> {"model_version": ...}
     POST /predict   {"tasks": [...]} -> {"results": [{result, score, model_version}, ...]}
     POST /webhook   annotation events (project webhooks and ML-backend events alike) and
@@ -25,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from visionloop.core.errors import InputError
 from visionloop.labeling.backend_auth import SECRET_HEADER, authorised
 from visionloop.labeling.events import ANNOTATION_EVENTS, START_TRAINING, RetrainTrigger
+from visionloop.labeling.loop_metrics import CONTENT_TYPE, LoopMetrics, LoopStores
 from visionloop.labeling.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -36,11 +39,12 @@ class BackendServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], predictor: Predictor | None,
-                 trigger: RetrainTrigger, secret: str) -> None:
+                 trigger: RetrainTrigger, secret: str, stores: LoopStores | None = None) -> None:
         if len(secret) < 16:
             raise InputError("the backend's shared secret must have at least 16 characters")
         super().__init__(address, _Handler)
         self.predictor, self.trigger, self.secret = predictor, trigger, secret
+        self.metrics = LoopMetrics(stores)
         self.predict_lock = threading.Lock()  # one model, one batch at a time
 
     @property
@@ -93,6 +97,14 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.rstrip("/") == "/metrics":
+            data = self.server.metrics.exposition()
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         if self.path.rstrip("/") != "/health":
             self._reply(404, {"error": f"no route {self.path}"})
             return
@@ -130,7 +142,9 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(tasks, list):
                 self._reply(400, {"error": "'tasks' must be a list"})
                 return
-            self._reply(200, {"results": predictor.predict(tasks)})
+            with self.server.metrics.predict_seconds.time():
+                results = predictor.predict(tasks)
+            self._reply(200, {"results": results})
 
 
 def serve_in_thread(server: BackendServer) -> threading.Thread:

@@ -195,6 +195,7 @@ def _pull(args: argparse.Namespace) -> int:
 def _backend(args: argparse.Namespace) -> int:
     from visionloop.labeling.backend_server import BackendServer
     from visionloop.labeling.events import RetrainTrigger
+    from visionloop.labeling.loop_metrics import LoopStores
     from visionloop.labeling.predictor import Predictor
 
     cfg = server_config(args)
@@ -202,7 +203,10 @@ def _backend(args: argparse.Namespace) -> int:
     command = shlex.split(args.retrain_command) if args.retrain_command else None
     args.labels_dir.mkdir(parents=True, exist_ok=True)
     trigger = RetrainTrigger(args.labels_dir / "events.json", args.retrain_threshold, command)
-    server = BackendServer((args.host, args.port), predictor, trigger, backend_secret(cfg))
+    stores = LoopStores(args.labels_dir, args.capture_dir, args.store, args.name,
+                        os.environ.get("VISIONLOOP_CAPTURE_DATABASE"))
+    server = BackendServer((args.host, args.port), predictor, trigger, backend_secret(cfg),
+                           stores)
     # SIGTERM ends serve_forever like Ctrl-C (shutdown() from this thread would deadlock)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"ML backend and webhook receiver on {server.url}", flush=True)

@@ -24,10 +24,13 @@ from pathlib import Path
 import pytest
 from label_studio_sdk import LabelStudio
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from visionloop.core.capture_store import DB_FILE, CaptureStore
 from visionloop.core.manifest import ModelManifest
+from visionloop.core.model_store import ModelStore
 from visionloop.core.ports import free_loopback_ports
+from visionloop.core.registry import Registry
 from visionloop.core.scenario import read_pool
 from visionloop.labeling import server
 from visionloop.labeling.backend_auth import SECRET_HEADER
@@ -35,6 +38,7 @@ from visionloop.labeling.backend_server import BackendServer, serve_in_thread
 from visionloop.labeling.client import AuthHeader, LabelStudioUnavailable, connect
 from visionloop.labeling.events import RetrainTrigger
 from visionloop.labeling.label_check import REVIEW_BELOW
+from visionloop.labeling.loop_metrics import LoopStores
 from visionloop.labeling.predictor import Predictor
 from visionloop.labeling.project import (
     FROM_NAME,
@@ -531,6 +535,37 @@ def test_a_label_the_model_contradicts_goes_back_for_review_once(
     unchecked = tmp_path / "unchecked"
     pull(unchecked, root, client, project, model=manifest.name, review_below=None)
     assert tree_labels(unchecked)[doubted.data["capture_sha"]] == right
+
+    # the loop's metrics, scraped as Prometheus would, against the stores they count
+    store_dir = trained_version.parent.parent
+    stores = LoopStores(labels, root, store_dir, manifest.name)
+    backend = BackendServer(("127.0.0.1", 0), None, RetrainTrigger(
+        labels / "events.json", 10, None), server.backend_secret(labelstudio), stores)
+    serve_in_thread(backend)
+    try:
+        with urllib.request.urlopen(f"{backend.url}/metrics", timeout=30) as response:
+            text = response.read().decode()
+    finally:
+        backend.shutdown()
+        backend.server_close()
+    scraped = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    captures = CaptureStore(root)
+    try:
+        stored = [c for c in captures.captures() if c.model_name == manifest.name]
+        pushed = captures.pushed_tasks(manifest.name)
+    finally:
+        captures.close()
+    assert scraped[("visionloop_captures", ())] == len(stored)
+    assert scraped[("visionloop_tasks_pushed", ())] == len(pushed) == 2
+    assert scraped[("visionloop_labels_pulled", ())] == sum(labelled_counts(labels).values())
+    assert scraped[("visionloop_reviews_decided", ())] == 1
+    assert scraped[("visionloop_labels_waiting_for_review", ())] == 0
+    champion = Registry(ModelStore(store_dir), manifest.name).champion()
+    assert scraped[("visionloop_champion_version", ())] == int(champion.lstrip("v"))
+    assert ("visionloop_ml_backend_predict_seconds_count", ()) in scraped
+    print(f"\nscraped: {len(stored)} captures, {len(pushed)} tasks, "
+          f"{scraped[('visionloop_labels_pulled', ())]:.0f} labels, 1 review decided")
 
 
 def test_a_personal_access_token_works_for_every_call_the_project_makes(
