@@ -3,8 +3,9 @@ does not?
 
 Per seed, the long-tailed Fashion-MNIST scenario of bench/active_learning.py and its
 champion (the frozen Lite0 head the product trains on a CPU). The reference is fit as the
-trainer would: class centres on the training logits, thresholds from bootstrap windows of
-the validation split (false alarm 1% per window). Streams, in windows of 200 predictions:
+trainer does: class centres on val/ logits, thresholds from bootstrap windows of test/ (here
+drawn with the training split's class mix, as a user's own test split has it; 1% false
+alarms per window for either statistic). Streams, in windows of 200 predictions:
 - unshifted: the pool, as long-tailed as training, in random order (false alarms);
 - class mix: the balanced test split (every class 10%: the minority classes ~30x as common
   as in training);

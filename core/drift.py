@@ -14,8 +14,9 @@ The trainer fits the centres on its validation logits (labelled, held out from t
 the logits of training images are overconfident) and calibrates both thresholds on its test
 logits, a second held-out sample: the (1 - false_alarm) quantile of each statistic over
 bootstrap windows of test predictions, so a window of traffic like the data the model was
-trained on crosses it with probability ~false_alarm. The predicted-class mix of the test
-split is the reference mix. Traffic drifted when either statistic crosses its threshold.
+trained on crosses one of the two with probability ~false_alarm (each threshold at half of
+it). The predicted-class mix of the test split is the reference mix. Traffic drifted when
+either statistic crosses its threshold.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def fit_reference(centre_logits: np.ndarray, centre_labels: np.ndarray,
     distance_windows = distance[rows].mean(axis=1)
     mix_windows = np.array([0.5 * np.abs(np.bincount(predicted[r], minlength=n_classes)
                                          / window - mix).sum() for r in rows])
-    quantile = 100 * (1 - false_alarm)
+    quantile = 100 * (1 - false_alarm / 2)  # two statistics: false_alarm for either
     return DriftReference(finite.tolist(), precision.tolist(), mix.tolist(), window,
                           float(np.percentile(distance_windows, quantile)),
                           float(np.percentile(mix_windows, quantile)))
