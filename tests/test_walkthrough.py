@@ -16,6 +16,7 @@ import pytest
 
 from tests.photos import write_class_folders, write_unlabelled
 from visionloop.core.ports import free_loopback_ports
+from visionloop.labeling.pull import review_report
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Your own images"
@@ -124,12 +125,14 @@ def test_the_readme_walkthrough_runs_as_written_on_real_photos(tmp_path):
         assert pushed["pushed"] == 20, pushed
         assert {"answered": 20} in documents
         decision = next(d for d in documents if isinstance(d, dict) and "promoted" in d)
-        assert decision["new_labels"] == 20 and decision["champion"] == "v1"
+        # answers the model contradicts went back to Label Studio for review and wait
+        reviews = review_report(workdir / "labels")
+        assert decision["new_labels"] == 20 - reviews["waiting"] and decision["champion"] == "v1"
         assert decision["promoted"], decision["reason"]
         served = next(d for d in documents
                       if isinstance(d, list) and d and "modelVersion" in d[0])
         assert served[0]["modelVersion"] == "v2"
         print(f"walkthrough: {len(replies)} images answered, {pushed['pushed']} tasks, "
-              f"retrain: {decision['reason']}")
+              f"{reviews['waiting']} sent back for review, retrain: {decision['reason']}")
     finally:
         stop_servers(workdir, env)
