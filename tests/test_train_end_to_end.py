@@ -38,6 +38,9 @@ def test_training_learns_and_publishes_a_complete_version(trained_version: Path)
     assert manifest.metrics["minority"] == list(MINORITY)
     assert set(test["per_class"]) == set(manifest.classes)
     assert manifest.temperature > 0 and 0 <= manifest.metrics["ece_calibrated"] <= 1
+    drift = manifest.metrics["drift_reference"]  # for serving's drift measure (core.drift)
+    assert len(drift["class_means"]) == len(manifest.classes) == len(drift["mix"])
+    assert drift["distance_threshold"] > 0 and 0 < drift["mix_threshold"] < 1
     assert len(manifest.dataset_fingerprint) == 64
     assert manifest.training_config["epochs"] == 4
     for key, artifact in manifest.artifacts.items():

@@ -552,11 +552,17 @@ def _score(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.3f}"
 
 
+MIN_DRIFT_REFERENCE = 100  # test/ images below which serving measures no drift
+
+
 def drift_reference(trained: Trained, splits: Splits) -> dict | None:
     """core.drift's reference for the served model: class centres from its val/ logits,
-    thresholds from its test/ logits; None when a split is too small to estimate them."""
+    thresholds from its test/ logits; None when test/ is too small for a window's spread
+    (bootstrap windows of 200 drawn from a handful of images say nothing)."""
     val_labels = np.array([label for _, label in splits.val])
-    if len(val_labels) < 2 or len(trained.test_logits) < 2:
+    if len(val_labels) < 2 or len(trained.test_logits) < MIN_DRIFT_REFERENCE:
+        log.info("no drift reference: %d test images (it needs %d)", len(trained.test_logits),
+                 MIN_DRIFT_REFERENCE)
         return None
     return fit_reference(trained.val_logits.double().numpy(), val_labels,
                          trained.test_logits.double().numpy()).to_dict()
