@@ -194,7 +194,8 @@ def remote_labels(client: LabelStudio, project: Project, local: dict[int, Label]
                   served: dict[str, list[float]], review_below: float | None
                   ) -> tuple[Remote, PullResult]:
     """Every task's label by the documented rule; a new or changed label that needs review
-    (review_below None: none does) is held back, as is one whose review waits."""
+    (review_below None or 0: only annotators' disagreements do) is held back, as is one
+    whose review waits."""
     result, remote = PullResult(), Remote()
     with unavailable_as_error("reading annotations"):
         tasks = list(client.tasks.list(project=project.id, fields="all"))
@@ -230,11 +231,11 @@ def remote_labels(client: LabelStudio, project: Project, local: dict[int, Label]
                                            count + verdict[1], verdict[2], verdict[3])
             continue
         check = None
-        if review_below is not None and local.get(task.id) != given:
-            probs = served.get(sha)
+        if local.get(task.id) != given:
+            probs = served.get(sha) if review_below else None
             check = needs_review(label, [a[2] for a in answers], ground_truth,
                                  None if probs is None else np.asarray(probs),
-                                 project.classes, review_below)
+                                 project.classes, review_below or 0.0)
         if check is not None:
             remote.to_review.append((task, given, check))
             result.waiting_for_review += 1
@@ -362,13 +363,13 @@ def pull(labels_dir: Path, capture_dir: Path, client: LabelStudio, project: Proj
          model: str | None = None, review_below: float | None = REVIEW_BELOW,
          capture_database: str | None = None) -> PullResult:
     """Pull every label, checking the new and changed ones (labeling.label_check):
-    review_below None turns the check off; `model` names the model whose captures hold
-    the serving probabilities (None: only annotators' disagreements are checked)."""
+    review_below None or 0 turns the model's check off, as does `model` None (the model
+    whose captures hold the serving probabilities); disagreements always go back."""
     labels_dir, capture_dir = Path(labels_dir), Path(capture_dir)
     conn = open_labels_db(labels_dir)
     try:
         served = (served_probabilities(capture_dir, model, capture_database)
-                  if review_below is not None and model else {})
+                  if review_below and model else {})
         remote, result = remote_labels(client, project, local_labels(conn), served,
                                        review_below)
         send_for_review(client, project, remote, result)

@@ -531,7 +531,7 @@ def test_a_label_the_model_contradicts_goes_back_for_review_once(
     done = pull(labels, root, client, project, model=manifest.name)
     assert done.reviewed == 1 and done.labelled_tasks == 2
     assert tree_labels(labels)[doubted.data["capture_sha"]] == right
-    # a review once answered decides, with the check off too
+    # a review once answered decides, with the model's check off too
     unchecked = tmp_path / "unchecked"
     pull(unchecked, root, client, project, model=manifest.name, review_below=None)
     assert tree_labels(unchecked)[doubted.data["capture_sha"]] == right
