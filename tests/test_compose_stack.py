@@ -69,7 +69,8 @@ class Stack:
 
     def push_and_answer(self, budget: int, truth: dict[str, str]) -> tuple[dict, list]:
         """One push from the push service, then every unanswered task answered with its
-        image's true label through Label Studio's API; (push summary, answered tasks)."""
+        image's true label through Label Studio's API, review tasks (labeling.pull) too, as
+        an annotator takes what the queue hands out; (push summary, answered tasks)."""
         pushed = last_json(self.visionloop("push", "label", "push", "--budget", str(budget),
                                            "--name", MODEL, "--store", "/srv/model_store",
                                            "--capture-dir", "/srv/captures", *LABELSTUDIO))
@@ -79,7 +80,8 @@ class Stack:
             if not task.total_annotations:
                 client.annotations.create(id=task.id, result=[{
                     "from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices",
-                    "value": {"choices": [truth[task.data["capture_sha"]]]}}])
+                    "value": {"choices": [truth[task.data.get("capture_sha")
+                                                     or task.data["review_sha"]]]}}])
                 answered.append(task)
         return pushed, answered
 
