@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.report import mean_std, run_seeds
 from visionloop.core.bootstrap import intervals
-from visionloop.core.fsutil import atomic_write_json, atomic_write_text
+from visionloop.core.fsutil import atomic_write_text
 from visionloop.core.manifest import Preprocessing
 from visionloop.core.scenario import class_names, read_pool
 from visionloop.labeling.strategies import rank
@@ -233,13 +234,6 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     return result
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
-
-
 def _ratios_text(ratios: list[float], seeds: int) -> str:
     """Per-seed ratios and, when every seed reached the target, their geometric mean: the
     ratio a user should expect, since the per-seed ratios differ by a factor of ten."""
@@ -307,8 +301,8 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
         needed_text = ", ".join(f"{n:.0f}" if n else f">{args.max_labels}" for n in needed)
         lines.append(
             f"| {strategy} | {needed_text} "
-            f"| {_ratios_text(ratios, len(results))} | {_mean_std(found)} | "
-            f"{_mean_std(f1)} | {_mean_std(recall)} | "
+            f"| {_ratios_text(ratios, len(results))} | {mean_std(found)} | "
+            f"{mean_std(f1)} | {mean_std(recall)} | "
             + (f"{ci['estimate']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else "-")
             + " |")
     if "random" in args.strategies:
@@ -413,12 +407,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        results.append(run_seed(args, seed))
-        atomic_write_json(args.out / "results.json", results)
-        atomic_write_text(args.out / "README.md", summarise(results, args))
+    results = run_seeds(args, args.out, run_seed, summarise)
     print(json.dumps([{s: r["curves"][s]["labels_to_target"] for s in r["curves"]}
                       for r in results], indent=2))
 

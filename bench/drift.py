@@ -30,8 +30,8 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 
 from bench.active_learning import Learner, default_scenario, seed_learner
+from bench.report import run_seeds
 from visionloop.core.drift import FALSE_ALARM, WINDOW, fit_reference, read
-from visionloop.core.fsutil import atomic_write_json, atomic_write_text
 from visionloop.core.manifest import Preprocessing
 from visionloop.core.scenario import class_names
 from visionloop.trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
@@ -176,12 +176,7 @@ def main() -> None:
     for key, value in vars(default_scenario()).items():
         setattr(args, key, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        results.append(run_seed(args, seed))
-        atomic_write_json(args.out / "results.json", results)
-        atomic_write_text(args.out / "README.md", summarise(results, args))
+    results = run_seeds(args, args.out, run_seed, summarise)
     print(summarise(results, args))
 
 

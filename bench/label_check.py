@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import time
 from pathlib import Path
 
@@ -31,8 +30,8 @@ import numpy as np
 import torch
 
 from bench.active_learning import Learner, default_scenario, seed_learner, select
+from bench.report import mean_std, run_seeds
 from visionloop.core.bootstrap import paired_difference
-from visionloop.core.fsutil import atomic_write_json, atomic_write_text
 from visionloop.labeling.label_check import REVIEW_BELOW, flagged
 from visionloop.trainer.calibration import fit_temperature
 from visionloop.trainer.head import fit_linear_head
@@ -149,11 +148,6 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     return result
 
 
-def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
-
-
 def _over_seeds(per_seed: np.ndarray) -> str:
     """Mean and a bootstrap 95% interval over seeds (2000 resamples)."""
     picks = np.random.default_rng(0).integers(0, len(per_seed), (2000, len(per_seed)))
@@ -187,7 +181,7 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
     for arm in ARMS:
         f1 = [r["arms"][arm]["macro_f1"]["estimate"] for r in results]
         recall = [r["arms"][arm]["minority_recall"]["estimate"] for r in results]
-        lines.append(f"| {arm} | {_mean_std(f1)} | {_mean_std(recall)} |")
+        lines.append(f"| {arm} | {mean_std(f1)} | {mean_std(recall)} |")
     lines += ["", "check - no check, paired by seed (mean [bootstrap 95% over seeds]) and on "
               "seed 0's test set (paired bootstrap 95%):", "",
               "| metric | per seed | over seeds | seed 0 test set |", "|---|---|---|---|"]
@@ -217,12 +211,7 @@ def main() -> None:
     for key, value in vars(scenario).items():
         setattr(args, key, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        results.append(run_seed(args, seed))
-        atomic_write_json(args.out / "results.json", results)
-        atomic_write_text(args.out / "README.md", summarise(results, args))
+    results = run_seeds(args, args.out, run_seed, summarise)
     print(summarise(results, args))
 
 

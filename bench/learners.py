@@ -24,6 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
+from bench.report import mean_std
 from bench.scenarios import SCENARIOS, scenario_data
 from visionloop.core.fsutil import atomic_write_json, atomic_write_text
 from visionloop.core.manifest import ModelManifest
@@ -47,11 +48,6 @@ def run_auto(data: Path, root: Path, name: str, seed: int, candidates: tuple[str
             "selection": manifest.metrics["selection"]}
 
 
-def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
-
-
 def scenario_lines(name: str, runs: list[dict]) -> list[str]:
     lines = [f"### {name}: {SCENARIOS[name].summary}", "",
              "| learner | test macro-F1 | test minority recall | per seed (F1 / recall) | "
@@ -64,16 +60,16 @@ def scenario_lines(name: str, runs: list[dict]) -> list[str]:
             continue
         beat = sum(row["test_minus_picked"]["macro_f1"]["low"] > 0 for row in rows)
         lines.append(
-            f"| {candidate} | {_mean_std([r['test_macro_f1'] for r in rows])} | "
-            f"{_mean_std([r['test_minority_recall'] for r in rows])} | "
+            f"| {candidate} | {mean_std([r['test_macro_f1'] for r in rows])} | "
+            f"{mean_std([r['test_minority_recall'] for r in rows])} | "
             + ", ".join(f"{r['test_macro_f1']:.3f} / {r['test_minority_recall']:.3f}"
                         for r in rows)
             + f" | {statistics.mean(r['seconds'] for r in rows):.0f} | {beat} of {len(rows)} |")
     picks = [r["selection"]["candidates"][r["selection"]["picked"]] for r in runs]
     lines.append(
         f"| **auto** (picked {', '.join(r['selection']['picked'] for r in runs)}) | "
-        f"{_mean_std([p['test_macro_f1'] for p in picks])} | "
-        f"{_mean_std([p['test_minority_recall'] for p in picks])} | "
+        f"{mean_std([p['test_macro_f1'] for p in picks])} | "
+        f"{mean_std([p['test_minority_recall'] for p in picks])} | "
         + ", ".join(f"{p['test_macro_f1']:.3f} / {p['test_minority_recall']:.3f}" for p in picks)
         + f" | {statistics.mean(r['auto_seconds'] for r in runs):.0f} (all candidates) | - |")
     lines += ["", f"Retrain of the pick (head re-fit on its backbone, embeddings computed "
