@@ -499,7 +499,10 @@ def review_task_of(client, project, task_id: int):
 
 def test_a_label_the_model_contradicts_goes_back_for_review_once(
         labelstudio, trained_version, pool_predictions, tmp_path):
-    root = capture_store(labelstudio, "check", pool_predictions[:8])
+    # images with a class the model is sure they are not, whichever two push picks
+    sure_not = [p for p in pool_predictions if min(p[1].probabilities) < REVIEW_BELOW / 2]
+    assert len(sure_not) >= 8, "the fixture model is unsure of every class of most images"
+    root = capture_store(labelstudio, "check", sure_not[:8])
     client, manifest, project = project_for(labelstudio, trained_version, "label check")
     push(root, client, project, manifest.name, MINORITY, PushOptions(budget=2),
          files_root=labelstudio.files_root)
