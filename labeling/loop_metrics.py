@@ -22,7 +22,6 @@ and, measured by this process, visionloop_ml_backend_predict_seconds (a histogra
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from prometheus_client.registry import Collector
 from visionloop.core.capture_store import READER_BUSY_TIMEOUT_S, CaptureStore, CaptureStoreError
 from visionloop.core.model_store import ModelStore
 from visionloop.core.registry import Registry
+from visionloop.labeling.pull import labelled_counts, review_report
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -45,25 +45,6 @@ class LoopStores:
     store: Path
     model: str
     capture_database: str | None = None
-
-
-def _labels_counts(labels_dir: Path) -> tuple[int, int, int]:
-    """(labels that train, reviews waiting, reviews decided) from labels.sqlite3."""
-    path = labels_dir / "labels.sqlite3"
-    if not path.exists():
-        return 0, 0, 0
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    try:
-        known = conn.execute("SELECT COUNT(*) FROM labels WHERE known = 1").fetchone()[0]
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-        if "reviews" not in tables:
-            return known, 0, 0
-        waiting, decided = conn.execute(
-            "SELECT COALESCE(SUM(decided IS NULL), 0), COALESCE(SUM(decided IS NOT NULL), 0)"
-            " FROM reviews").fetchone()
-        return known, waiting, decided
-    finally:
-        conn.close()
 
 
 def _capture_counts(stores: LoopStores) -> tuple[int, int] | None:
@@ -95,13 +76,15 @@ class LoopCollector(Collector):
             yield GaugeMetricFamily("visionloop_tasks_pushed",
                                     "captured images that are Label Studio tasks",
                                     value=captures[1])
-        known, waiting, decided = _labels_counts(s.labels_dir)
+        reviews = review_report(s.labels_dir)
         yield GaugeMetricFamily("visionloop_labels_pulled", "pulled labels that train",
-                                value=known)
+                                value=sum(labelled_counts(s.labels_dir).values()))
         yield GaugeMetricFamily("visionloop_labels_waiting_for_review",
-                                "labels sent back for review, not answered yet", value=waiting)
+                                "labels sent back for review, not answered yet",
+                                value=reviews["waiting"])
         yield GaugeMetricFamily("visionloop_reviews_decided",
-                                "labels sent back and decided by a reviewer", value=decided)
+                                "labels sent back and decided by a reviewer",
+                                value=reviews["decided"])
         yield from self._events()
         yield from self._gate()
 

@@ -395,27 +395,28 @@ def served_probabilities(capture_dir: Path, model: str,
         store.close()
 
 
-def labelled_counts(labels_dir: Path) -> dict[str, int]:
-    """Known-class labels pulled so far, per class (push uses them to find minority classes)."""
+def _query(labels_dir: Path, sql: str) -> list[tuple]:
+    """The rows of one query on labels.sqlite3; none before the first pull made it."""
     if not (Path(labels_dir) / "labels.sqlite3").exists():
-        return {}
+        return []
     conn = open_labels_db(Path(labels_dir))
     try:
-        return dict(conn.execute("SELECT label, COUNT(*) FROM labels WHERE known = 1"
-                                 " GROUP BY label").fetchall())
+        return conn.execute(sql).fetchall()
     finally:
         conn.close()
+
+
+def labelled_counts(labels_dir: Path) -> dict[str, int]:
+    """Known-class labels pulled so far, per class (push uses them to find minority classes)."""
+    return dict(_query(labels_dir, "SELECT label, COUNT(*) FROM labels WHERE known = 1"
+                                   " GROUP BY label"))
 
 
 def annotator_report(labels_dir: Path) -> dict:
     """Per annotator: answers and the share that matches the label pull chose; per pair of
     annotators: tasks both answered and the share they agreed on."""
-    conn = open_labels_db(Path(labels_dir))
-    try:
-        rows = conn.execute("SELECT a.task_id, a.annotator, a.label, l.label FROM answers a"
-                            " JOIN labels l ON l.task_id = a.task_id").fetchall()
-    finally:
-        conn.close()
+    rows = _query(labels_dir, "SELECT a.task_id, a.annotator, a.label, l.label FROM answers a"
+                              " JOIN labels l ON l.task_id = a.task_id")
     by_task: dict[int, dict[str, str]] = {}
     annotators: dict[str, dict] = {}
     for task_id, who, label, decided in rows:
@@ -443,14 +444,8 @@ def annotator_report(labels_dir: Path) -> dict:
 
 def review_report(labels_dir: Path) -> dict:
     """Labels sent back for review, as of the last pull: waiting and decided, by reason."""
-    if not (Path(labels_dir) / "labels.sqlite3").exists():
-        return {"waiting": 0, "decided": 0, "by_reason": {}}
-    conn = open_labels_db(Path(labels_dir))
-    try:
-        rows = conn.execute("SELECT reason, decided IS NOT NULL, COUNT(*) FROM reviews"
-                            " GROUP BY reason, decided IS NOT NULL").fetchall()
-    finally:
-        conn.close()
+    rows = _query(labels_dir, "SELECT reason, decided IS NOT NULL, COUNT(*) FROM reviews"
+                              " GROUP BY reason, decided IS NOT NULL")
     by_reason: dict[str, int] = {}
     for reason, _, count in rows:
         by_reason[reason] = by_reason.get(reason, 0) + count
