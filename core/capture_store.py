@@ -404,6 +404,11 @@ class CaptureStore:
                                   " AND task_id = ?", (model, task)).rowcount
                        for task in dead)
 
+    def count(self, model: str) -> int:
+        """Captured predictions of `model` (a COUNT: a scrape must not read every row)."""
+        return self._opened().query(
+            "SELECT COUNT(*) FROM captures WHERE model_name = ?", (model,))[0][0]
+
     def pushed_tasks(self, model: str) -> dict[str, int]:
         """Image sha256 -> its task id, for every image of `model` already pushed."""
         return dict(self._opened().query(

@@ -54,8 +54,7 @@ def _capture_counts(stores: LoopStores) -> tuple[int, int] | None:
     except CaptureStoreError:
         return None
     try:
-        rows = [c for c in store.captures() if c.model_name == stores.model]
-        return len(rows), len({c.sha for c in rows if c.task_id is not None})
+        return store.count(stores.model), len(store.pushed_tasks(stores.model))
     except CaptureStoreError:
         return None
     finally:

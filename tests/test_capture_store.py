@@ -230,6 +230,7 @@ def test_labeling_queries_link_and_unlink(tmp_path, capture_database):
     unlinked = store.unlinked("fm")
     assert [r.max_prob for r in unlinked] == [0.5, 0.6, 0.55]
     assert store.unlinked("another model") == []
+    assert (store.count("fm"), store.count("another model")) == (3, 0)
     x, y = unlinked[0].sha, unlinked[1].sha
     assert store.link({x: 7}, "fm") == 2  # both captures of x
     assert store.link({x: 8}, "fm") == 0  # already linked: kept
