@@ -21,6 +21,7 @@ from visionloop.serving.capture import CapturePolicy, Capturer
 from visionloop.serving.drift_monitor import DriftMonitor
 from visionloop.serving.inference import BadInput, Limits, predict_batch
 from visionloop.serving.inflight import INFLIGHT_ENV, clear_dead_markers, marked
+from visionloop.serving.metrics import CaptureCounts
 from visionloop.serving.metrics import emit as emit_metrics
 
 log = logging.getLogger(__name__)
@@ -83,18 +84,18 @@ class VisionloopHandler:
         if good:
             answered = [results[i] for i in good]
             flags: list[bool | None] = [None] * len(good)
-            captured, errors, spooled = 0, 0, 0
+            counts = CaptureCounts()
             if self.capture is not None:
                 ids = [context.get_request_id(i) or uuid.uuid4().hex for i in good]
                 before = dict(self.capture.counts)
                 flags = self.capture.capture_batch(
                     [(bytes(raw[i]), request_id, reply)
                      for i, request_id, reply in zip(good, ids, answered, strict=True)])
-                after = self.capture.counts
-                captured, spooled = sum(flags), after["spooled"] - before["spooled"]
-                errors = sum(after[k] - before[k] for k in ("errors", "dropped_spool_full"))
-            emit_metrics(context.metrics, answered, captured, errors, spooled,
-                         self.drift.observe(answered))
+                after = {k: v - before[k] for k, v in self.capture.counts.items()}
+                counts = CaptureCounts(captured=sum(flags), spooled=after["spooled"],
+                                       errors=after["errors"] + after["dropped_spool_full"],
+                                       rate_limited=after["dropped_rate_limit"])
+            emit_metrics(context.metrics, answered, counts, self.drift.observe(answered))
             for i, reply, flag in zip(good, answered, flags, strict=True):
                 bodies[i] = reply.with_serving(flag, self.backend.name).to_dict()
         return [json.dumps(body) for body in bodies]

@@ -132,6 +132,10 @@ def test_uncertain_predictions_are_in_the_capture_store(torchserve, small_scenar
     assert any(line.startswith("PredictionConfidence{") and "ConfidenceBin=" in line
                and "PredictedClass=" in line for line in lines)
     assert any(line.startswith("CaptureErrors{") for line in lines)
+    assert any(line.startswith("CapturesRateLimited{") for line in lines)
+    served = [float(line.rsplit(" ", 1)[1]) for line in lines
+              if line.startswith("ServedVersion{") and 'ModelName="fm_torchscript"' in line]
+    assert served == [int(reply["version"].lstrip("v"))], served
 
 
 def test_the_traffic_drift_is_read_exported_and_moves_with_the_inputs(
