@@ -18,6 +18,7 @@ from pathlib import Path
 from visionloop.core.errors import InputError
 from visionloop.core.model_store import ModelStore
 from visionloop.core.registry import resolve
+from visionloop.core.schedule import add_schedule_arguments
 from visionloop.labeling import server
 from visionloop.labeling.dedupe import NEAR_DUPLICATE_CORRELATION
 from visionloop.labeling.label_check import REVIEW_BELOW
@@ -102,9 +103,8 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     push.add_argument("--capture-database", metavar="URL",
                       help="the capture index the replicas write (postgresql://...; default: "
                            "$VISIONLOOP_CAPTURE_DATABASE, else SQLite in --capture-dir)")
-    push.add_argument("--every", metavar="DURATION",
-                      help="keep running: push once per DURATION (e.g. 10m), each time up to "
-                           "--budget new tasks")
+    add_schedule_arguments(push, "keep running: push once per DURATION (e.g. 10m), each "
+                                 "time up to --budget new tasks")
     pull = sub.add_parser("pull", help="bring finished annotations back as training data")
     pull.add_argument("--review-below", type=float, default=REVIEW_BELOW, metavar="P",
                       help="send a label back for review when the serving model gave it a "
@@ -149,12 +149,14 @@ def _project(args: argparse.Namespace, client):
 
 
 def _push(args: argparse.Namespace) -> int:
-    if args.every:
-        from visionloop.core.schedule import parse_duration, run_every
+    from visionloop.core.schedule import JobMetrics, metrics_address, parse_duration, run_every
 
+    if args.every:
+        metrics = JobMetrics("push", metrics_address(args))
         run_every(parse_duration(args.every), lambda: _push_once(args),
-                  "push (the captures wait in the store)")
+                  "push (the captures wait in the store)", metrics=metrics)
         return 0
+    metrics_address(args)  # --metrics-port without --every: say so
     return _push_once(args)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from visionloop.core.lock import FileLock, LockBusy
-from visionloop.core.schedule import parse_duration
+from visionloop.core.schedule import JobMetrics, MetricsAddress, parse_duration, run_every
 from visionloop.retrain import RetrainConfig, gate, label_files
 
 
@@ -54,6 +54,29 @@ def test_durations():
     for bad in ("6", "h", "-1m", "1w"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+def test_a_scheduled_job_serves_its_runs_on_its_own_metrics_port():
+    """Three runs: one ok, one that raises, one with a non-zero exit code; scraped over
+    HTTP as Prometheus does, with the official client's parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from visionloop.core.ports import free_loopback_ports
+
+    (port,) = free_loopback_ports(1)
+    outcomes = iter([lambda: 0, lambda: 1 / 0, lambda: 2])
+    run_every(0.01, lambda: next(outcomes)(), "a job", max_runs=3,
+              metrics=JobMetrics("push", MetricsAddress("127.0.0.1", port)))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {(s.name, s.labels.get("outcome")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples
+               if s.labels.get("job") == "push"}
+    assert samples[("visionloop_job_runs_total", "ok")] == 1
+    assert samples[("visionloop_job_runs_total", "failed")] == 2
+    assert samples[("visionloop_job_last_success_timestamp_seconds", None)] > 0
+    assert ("visionloop_job_last_run_seconds", None) in samples
 
 
 def test_gate_promotes_only_when_a_drop_beyond_the_margin_is_ruled_out():

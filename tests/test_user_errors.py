@@ -76,6 +76,13 @@ def test_too_few_images_to_split_a_class(tmp_path):
                2, "at least 3 images per class", "'rocket': 2")
 
 
+def test_a_metrics_port_without_a_schedule(tmp_path):
+    """A one-off run has nothing to scrape: --metrics-port belongs with --every."""
+    for command in (["label", "push", "--name", "fm", "--budget", "3"],
+                    ["retrain", "--name", "fm", "--data", str(tmp_path)]):
+        user_error(run(*command, "--metrics-port", "9100"), 2, "give --every too")
+
+
 def test_torchserve_down_changes_nothing(trained_version, tmp_path):
     store = trained_version.parent.parent
     (port,) = free_loopback_ports(1)

@@ -15,6 +15,7 @@ from pathlib import Path
 from visionloop.configs import RETRAIN_LEARNERS, DemoConfig, RetrainConfig
 from visionloop.core.field_docs import field_comments
 from visionloop.core.lock import LockBusy
+from visionloop.core.schedule import add_schedule_arguments
 from visionloop.labeling.cli import add_server_arguments, server_config
 from visionloop.serving.server import ServerConfig
 from visionloop.serving.settings import BACKENDS
@@ -58,19 +59,20 @@ def add_retrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torchserve-model-store", type=Path,
                         help="the model store every replica registers from (a shared volume; "
                              "default: TORCHSERVE_HOME/model-store)")
-    parser.add_argument("--every", help="keep running: once per DURATION (e.g. 30m, 6h)")
+    add_schedule_arguments(parser, "keep running: once per DURATION (e.g. 30m, 6h)")
 
 
 TORCHSERVE_URLS_ENV = "VISIONLOOP_TORCHSERVE_URLS"  # compose's replicas profile sets it
 
 
 def run_retrain(args: argparse.Namespace) -> int:
-    from visionloop.core.schedule import parse_duration, run_every
+    from visionloop.core.schedule import JobMetrics, metrics_address, parse_duration, run_every
     from visionloop.labeling.client import LabelStudioUnavailable
     from visionloop.retrain import retrain_once
     from visionloop.serving.promote import RolloutIncomplete, replica_configs
 
     cfg = RetrainConfig(**{f.name: getattr(args, f.name) for f in fields(RetrainConfig)})
+    address = metrics_address(args)
     labelstudio = server_config(args)
     model_store = args.torchserve_model_store or args.torchserve_home / "model-store"
     torchserve: ServerConfig | list[ServerConfig] = ServerConfig(
@@ -90,7 +92,8 @@ def run_retrain(args: argparse.Namespace) -> int:
         return 0
 
     if args.every:
-        run_every(parse_duration(args.every), once, "retrain run (the champion keeps serving)")
+        run_every(parse_duration(args.every), once, "retrain run (the champion keeps serving)",
+                  metrics=JobMetrics("retrain", address))
         return 0
     try:
         return once()
