@@ -13,7 +13,9 @@ alarms per window for either statistic). Streams, in windows of 200 predictions:
   transformed, embedded through the product's cache.
 Reported per stream: the share of windows that cross a threshold (on unshifted traffic:
 the false-alarm rate), the two statistics' means, and, as a retrain trigger would see it,
-the windows of shifted traffic it takes to fire after 20 windows of unshifted traffic.
+the windows of shifted traffic it takes to fire after 20 windows of unshifted traffic;
+then the same shares at each distance margin (core.drift.DISTANCE_MARGIN: the default, and
+the others for the trade-off), with and without the per-prediction cap.
 
     python -m bench.drift --out bench/results/drift-cpu --seeds 0,1,2
 """
@@ -31,7 +33,14 @@ from PIL import Image, ImageFilter, ImageOps
 
 from bench.active_learning import Learner, default_scenario, seed_learner
 from bench.report import run_seeds
-from visionloop.core.drift import FALSE_ALARM, WINDOW, fit_reference, read
+from visionloop.core.drift import (
+    DISTANCE_CAP_PERCENTILE,
+    DISTANCE_MARGIN,
+    FALSE_ALARM,
+    WINDOW,
+    fit_reference,
+    read,
+)
 from visionloop.core.manifest import Preprocessing
 from visionloop.core.scenario import class_names
 from visionloop.trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
@@ -44,6 +53,7 @@ TRANSFORMS = {
     "blurred": lambda image: image.filter(ImageFilter.GaussianBlur(1.5)),
 }
 LEAD_WINDOWS = 20  # unshifted windows before a shift, for the trigger's delay
+MARGINS = (0.0, 0.1, 0.2, 0.3)
 
 
 def transformed_embeddings(data: Path, work: Path, image_size: int, per_transform: int,
@@ -102,8 +112,10 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     # test/ is balanced, so the test split drawn as the pool is (long-tailed) stands in
     test_x, test_y = learner.x["test"], learner.y["test"]
     like_train = long_tailed_rows(test_y, learner.prior, rng=np.random.default_rng(seed))
-    reference = fit_reference(logits(learner.x["val"]), learner.y["val"],
-                              logits(test_x[like_train]), window=args.window, seed=seed)
+    fit = {"val": logits(learner.x["val"]), "labels": learner.y["val"],
+           "test": logits(test_x[like_train])}
+    reference = fit_reference(fit["val"], fit["labels"], fit["test"], window=args.window,
+                              seed=seed)
     rng = np.random.default_rng(seed)
     pool = logits(learner.x["pool"])[rng.permutation(len(learner.x["pool"]))]
     streams = {"unshifted (pool)": pool,
@@ -130,7 +142,24 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
             entry["windows_to_fire"] = after.index(True) + 1 if True in after else None
         result["streams"][name] = entry
         log.info("seed %d %s: %s", seed, name, entry)
+    result["margins"] = margin_sweep(fit, streams, args.window, seed)
     return result
+
+
+def margin_sweep(fit: dict, streams: dict[str, np.ndarray], window: int,
+                 seed: int) -> dict[str, dict[str, float]]:
+    """'margin m, capped|uncapped' -> stream -> share of windows flagged."""
+    out = {}
+    for margin in MARGINS:
+        for capped in (True, False):  # uncapped: thresholds and readings without the cap
+            reference = fit_reference(fit["val"], fit["labels"], fit["test"], window=window,
+                                      seed=seed, margin=margin,
+                                      cap_percentile=DISTANCE_CAP_PERCENTILE if capped else None)
+            out[f"{margin:.1f}, {'capped' if capped else 'uncapped'}"] = {
+                name: float(np.mean([read(reference, chunk).drifted
+                                     for chunk in windows(stream, window)]))
+                for name, stream in streams.items()}
+    return out
 
 
 def summarise(results: list[dict], args: argparse.Namespace) -> str:
@@ -139,7 +168,10 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
              f"`python -m bench.drift --seeds {seeds} --window {args.window} --per-transform "
              f"{args.per_transform}` on this machine (2 CPU cores). Windows of "
              f"{args.window} predictions; thresholds for {FALSE_ALARM:.0%} false alarms per "
-             "window, from bootstrap windows of val/. Mean ± std over seeds.", "",
+             "window from bootstrap windows of test/ (drawn with the training mix; class "
+             "centres from val/), each prediction's distance capped at test/'s 99th "
+             f"percentile, the distance threshold at least {1 + DISTANCE_MARGIN:.1f} x "
+             "test/'s mean distance. Mean ± std over seeds.", "",
              "| seed | distance threshold | mix threshold |", "|---|---|---|"]
     for r in results:
         lines.append(f"| {r['seed']} | {r['distance_threshold']:.2f} | "
@@ -160,7 +192,24 @@ def summarise(results: list[dict], args: argparse.Namespace) -> str:
                          for v in rows)
         lines.append(f"| {name} | {rows[0]['windows']} | {spread('flagged', '.3f')} | "
                      f"{spread('distance', '.2f')} | {spread('mix', '.3f')} | {fire} |")
+    if "margins" in results[0]:
+        lines += margin_lines(results)
     return "\n".join(lines) + "\n"
+
+
+def margin_lines(results: list[dict]) -> list[str]:
+    names = list(results[0]["streams"])
+    lines = ["", f"Share of windows flagged at each distance margin (default "
+                 f"{DISTANCE_MARGIN:.1f}), with the per-prediction cap (the default) and "
+                 "without; mean over seeds, max in brackets.", "",
+             "| margin | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for setting in results[0]["margins"]:
+        cells = []
+        for name in names:
+            shares = [r["margins"][setting][name] for r in results]
+            cells.append(f"{statistics.mean(shares):.3f} ({max(shares):.3f})")
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:

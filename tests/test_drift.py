@@ -43,6 +43,42 @@ def test_unshifted_traffic_rarely_alarms_and_shifted_traffic_does():
     assert all(r.mix > r.mix_threshold for r in balanced)
 
 
+def test_one_odd_image_cannot_flag_a_window():
+    rng = np.random.default_rng(3)
+    val_y, test_y = long_tailed(rng, 600), long_tailed(rng, 2000)
+    reference = fit_reference(logits_like(rng, val_y), val_y, logits_like(rng, test_y),
+                              window=100)
+    window = logits_like(rng, long_tailed(rng, 100))
+    assert not read(reference, window).drifted
+    window[0] = 1e3 * np.array([1.0, -1.0, 1.0, -1.0, 0.0])  # distance ~1e6 uncapped
+    assert not read(reference, window).drifted
+
+
+def test_a_shift_smaller_than_the_margin_does_not_alarm_though_beyond_the_noise():
+    """Windows of 400 are precise enough for a +9% mean distance to cross the bootstrap
+    quantile half the time; the margin (+20%) keeps it quiet."""
+    rng = np.random.default_rng(3)
+    val_y, test_y = long_tailed(rng, 600), long_tailed(rng, 4000)
+    val, test = logits_like(rng, val_y), logits_like(rng, test_y)
+    reference = fit_reference(val, val_y, test, window=400)
+    noise_only = fit_reference(val, val_y, test, window=400, margin=0.0)
+    assert reference.distance_threshold >= 1.2 * reference.reference_distance
+    windows = [logits_like(rng, long_tailed(rng, 400), offset=0.3) for _ in range(100)]
+    grown = np.mean([read(reference, w).distance for w in windows]) / reference.reference_distance
+    assert 1.05 < grown < 1.15, grown
+    assert np.mean([read(reference, w).drifted for w in windows]) <= 0.05
+    assert np.mean([read(noise_only, w).drifted for w in windows]) >= 0.3
+
+
+def test_a_reference_made_before_the_cap_still_reads():
+    rng = np.random.default_rng(4)
+    y = long_tailed(rng, 400)
+    old = fit_reference(logits_like(rng, y), y, logits_like(rng, y), window=50).to_dict()
+    del old["distance_cap"], old["reference_distance"]
+    reading = read(DriftReference.from_dict(old), logits_like(rng, long_tailed(rng, 50)))
+    assert reading.predictions == 50 and np.isfinite(reading.distance)
+
+
 def test_logits_come_back_from_calibrated_probabilities():
     rng = np.random.default_rng(2)
     logits = logits_like(rng, long_tailed(rng, 20))
