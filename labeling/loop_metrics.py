@@ -6,6 +6,7 @@ and cover what the short-lived jobs (push, pull, retrain) did:
     visionloop_captures                     captured predictions in the capture store
     visionloop_tasks_pushed                 captured images that are Label Studio tasks
     visionloop_labels_pulled                labels pulled that train (known classes)
+    visionloop_labels_waiting_for_retrain   of those, labels no retrain has used yet
     visionloop_labels_waiting_for_review    labels sent back, not answered yet
     visionloop_reviews_decided              labels sent back and decided by a reviewer
     visionloop_annotation_events_total{action}  webhook events received
@@ -33,6 +34,7 @@ from prometheus_client.registry import Collector
 from visionloop.core.capture_store import READER_BUSY_TIMEOUT_S, CaptureStore, CaptureStoreError
 from visionloop.core.model_store import ModelStore
 from visionloop.core.registry import Registry
+from visionloop.core.trained_labels import label_files, labels_already_used
 from visionloop.labeling.pull import labelled_counts, review_report
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -76,6 +78,10 @@ class LoopCollector(Collector):
                                     "captured images that are Label Studio tasks",
                                     value=captures[1])
         reviews = review_report(s.labels_dir)
+        untrained = label_files(s.labels_dir) - labels_already_used(ModelStore(s.store), s.model)
+        yield GaugeMetricFamily("visionloop_labels_waiting_for_retrain",
+                                "pulled labels no retrain has trained on yet",
+                                value=len(untrained))
         yield GaugeMetricFamily("visionloop_labels_pulled", "pulled labels that train",
                                 value=sum(labelled_counts(s.labels_dir).values()))
         yield GaugeMetricFamily("visionloop_labels_waiting_for_review",

@@ -11,7 +11,8 @@ import pytest
 
 from visionloop.core.lock import FileLock, LockBusy
 from visionloop.core.schedule import JobMetrics, MetricsAddress, parse_duration, run_every
-from visionloop.retrain import RetrainConfig, gate, label_files
+from visionloop.core.trained_labels import label_files
+from visionloop.retrain import RetrainConfig, gate
 
 
 def test_a_second_retrain_is_refused_while_the_first_holds_the_lock(tmp_path):
@@ -148,3 +149,24 @@ def test_retrain_takes_several_replicas_on_its_command_line():
     promote = build_parser().parse_args(["promote", "v2", "--name", "fm", "--management-url",
                                          "http://127.0.0.1:1"])
     assert promote.management_url == ["http://127.0.0.1:1"]
+
+
+def test_labels_waiting_for_retrain_are_the_pulled_labels_no_retrain_used(tmp_path):
+    from visionloop.core.model_store import ModelStore
+    from visionloop.core.trained_labels import record_labels_used
+    from visionloop.labeling.loop_metrics import LoopCollector, LoopStores
+
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / "labels" / "images" / "shirt").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "labels" / "images" / "shirt" / name).write_bytes(b"png")
+    (tmp_path / "store").mkdir()
+    stores = LoopStores(tmp_path / "labels", tmp_path / "captures", tmp_path / "store", "m")
+
+    def waiting() -> float:
+        (family,) = [f for f in LoopCollector(stores).collect()
+                     if f.name == "visionloop_labels_waiting_for_retrain"]
+        return family.samples[0].value
+
+    assert waiting() == 3  # no retrain yet
+    record_labels_used(ModelStore(tmp_path / "store"), "m", {"shirt/a.png", "shirt/b.png"})
+    assert waiting() == 1

@@ -17,7 +17,6 @@ released by the kernel; its staging directories are removed by the next run.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
@@ -31,10 +30,10 @@ from visionloop.configs import RetrainConfig
 from visionloop.core.drift import latest_readings
 from visionloop.core.errors import InputError
 from visionloop.core.failpoints import failpoint
-from visionloop.core.fsutil import atomic_write_json
 from visionloop.core.manifest import ModelManifest
 from visionloop.core.model_store import ModelStore
 from visionloop.core.registry import Decision, Registry
+from visionloop.core.trained_labels import label_files, labels_already_used, record_labels_used
 from visionloop.gate import GateRule, decide
 from visionloop.labeling.client import connect
 from visionloop.labeling.project import default_title, ensure_project
@@ -68,22 +67,6 @@ class Evaluation:
     accuracy: float
     ece: float
     per_class_recall: dict[str, float]
-
-
-def label_files(labels_dir: Path) -> set[str]:
-    """'<class>/<file>' for every pulled, known-class label."""
-    tree = Path(labels_dir) / "images"
-    return {f"{p.parent.name}/{p.name}" for p in tree.glob("*/*")
-            if p.is_file() and not p.name.startswith(".")}  # not pull's temporary files
-
-
-def _state_path(store: ModelStore, name: str) -> Path:
-    return store.model_dir(name) / "retrain_state.json"
-
-
-def labels_already_used(store: ModelStore, name: str) -> set[str]:
-    path = _state_path(store, name)
-    return set(json.loads(path.read_text())["labels_trained"]) if path.exists() else set()
 
 
 def held_out_samples(data: Path, classes: tuple[str, ...], per_class: int | None,
@@ -274,8 +257,7 @@ def retrain_once(cfg: RetrainConfig, labelstudio: LabelStudioConfig | None = Non
         log.info("%d new labels: a challenger from %s by the %s learner (%s)", len(new),
                  champion, learner, why)
         challenger_dir = train_challenger(cfg, manifest, minority, learner)
-        # the attempt used these labels, promoted or not: the next run waits for new ones
-        atomic_write_json(_state_path(store, cfg.name), {"labels_trained": sorted(current)})
+        record_labels_used(store, cfg.name, current)
         champion_eval, champion_pred = evaluate(store.version_dir(cfg.name, champion), samples,
                                                 minority)
         challenger_eval, challenger_pred = evaluate(challenger_dir, samples, minority)
