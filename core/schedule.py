@@ -48,6 +48,10 @@ def add_schedule_arguments(parser: argparse.ArgumentParser, every_help: str) -> 
                         help="with --every: serve the schedule's Prometheus metrics on PORT")
     parser.add_argument("--metrics-host", default="127.0.0.1",
                         help="where --metrics-port listens (0.0.0.0 in a container)")
+    parser.add_argument("--retry-after", metavar="DURATION", default="30s",
+                        help="with --every: after a failed run, try again this soon, "
+                             "doubling while runs fail, never later than --every "
+                             "(default 30s)")
 
 
 def metrics_address(args: argparse.Namespace) -> MetricsAddress | None:
@@ -84,12 +88,18 @@ class JobMetrics:
             self.last_success.labels(self.job).set_to_current_time()
 
 
+FIRST_RETRY_S = 30.0
+
+
 def run_every(interval_s: float, run: Callable[[], object], what: str,
-              max_runs: int | None = None, metrics: JobMetrics | None = None) -> None:
-    """Run, sleep the rest of the interval, repeat; a failed run is logged, the next one
-    tries (a server that is still starting or briefly down costs one run, not the service).
-    A run fails when it raises or returns a non-zero exit code."""
+              max_runs: int | None = None, metrics: JobMetrics | None = None,
+              first_retry_s: float = FIRST_RETRY_S) -> None:
+    """Run, sleep the rest of the interval, repeat; a failed run is logged and retried
+    sooner: after `first_retry_s`, doubling while runs keep failing, never later than the
+    interval (a server still starting when the stack comes up costs a minute, not a 6 h
+    retrain interval). A run fails when it raises or returns a non-zero exit code."""
     runs = 0
+    retry_s = first_retry_s
     while max_runs is None or runs < max_runs:
         started = time.monotonic()
         ok = False
@@ -102,4 +112,10 @@ def run_every(interval_s: float, run: Callable[[], object], what: str,
         if metrics is not None:
             metrics.record(ok, time.monotonic() - started)
         runs += 1
-        time.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+        if ok:
+            retry_s = first_retry_s
+            wait_s = interval_s
+        else:
+            wait_s = min(retry_s, interval_s)
+            retry_s *= 2
+        time.sleep(max(0.0, wait_s - (time.monotonic() - started)))

@@ -154,7 +154,8 @@ def _push(args: argparse.Namespace) -> int:
     if args.every:
         metrics = JobMetrics("push", metrics_address(args))
         run_every(parse_duration(args.every), lambda: _push_once(args),
-                  "push (the captures wait in the store)", metrics=metrics)
+                  "push (the captures wait in the store)", metrics=metrics,
+                  first_retry_s=parse_duration(args.retry_after))
         return 0
     metrics_address(args)  # --metrics-port without --every: say so
     return _push_once(args)

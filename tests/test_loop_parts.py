@@ -80,6 +80,20 @@ def test_a_scheduled_job_serves_its_runs_on_its_own_metrics_port():
     assert ("visionloop_job_last_run_seconds", None) in samples
 
 
+def test_a_failed_run_is_retried_sooner_doubling_up_to_the_interval(monkeypatch):
+    """A server still starting must not cost a whole interval (6 h for retrain)."""
+    import visionloop.core.schedule as schedule
+
+    waits = []
+    monkeypatch.setattr(schedule.time, "sleep", waits.append)
+    monotonic = iter(range(0, 1000, 1))  # every run takes 1 s
+    monkeypatch.setattr(schedule.time, "monotonic", lambda: float(next(monotonic)))
+    outcomes = iter([1, 1, 1, 1, 0, 1, 0])
+    run_every(100.0, lambda: next(outcomes), "a job", max_runs=7, first_retry_s=30.0)
+    # each wait is measured from the run's start, so 1 s less than the delay
+    assert waits == [29.0, 59.0, 99.0, 99.0, 99.0, 29.0, 99.0]
+
+
 def test_gate_promotes_only_when_a_drop_beyond_the_margin_is_ruled_out():
     """The paired-bootstrap non-inferiority rule on a balanced gate split of 10 x 100."""
     cfg = RetrainConfig(max_macro_f1_drop=0.01, max_minority_recall_drop=0.03)

@@ -93,7 +93,8 @@ def run_retrain(args: argparse.Namespace) -> int:
 
     if args.every:
         run_every(parse_duration(args.every), once, "retrain run (the champion keeps serving)",
-                  metrics=JobMetrics("retrain", address))
+                  metrics=JobMetrics("retrain", address),
+                  first_retry_s=parse_duration(args.retry_after))
         return 0
     try:
         return once()
