@@ -158,6 +158,16 @@ class Stack:
         assert result.returncode == 0, result.stderr
         return Path(result.stdout.strip())
 
+    def scrape(self, service: str, port: int) -> dict[tuple[str, tuple], float]:
+        """A service's Prometheus endpoint, fetched inside the compose network (none is
+        published) and parsed with the official client: (name, labels) -> value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = self.compose("exec", "-T", service, "curl", "-fsS",
+                            f"http://127.0.0.1:{port}/metrics").stdout
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
     def captures_in_index(self) -> int:
         out = self.compose("exec", "-T", "-e", f"PGPASSWORD={self.env['POSTGRES_PASSWORD']}",
                            "postgres", "psql", "-h", "127.0.0.1", "-U",
@@ -180,7 +190,9 @@ def stack(visionloop_image, small_scenario, tmp_path_factory):
            "INFERENCE_PORT": str(inference_port), "LABEL_STUDIO_PORT": str(labelstudio_port),
            "BALANCER_PORT": str(balancer_port),
            "VISIONLOOP_IMAGE": visionloop_image,
-           "PUSH_EVERY": "24h", "RETRAIN_EVERY": "24h"}  # the test runs each job itself
+           # the test runs each job itself: the daemons' first run, at `up`, fails (Label
+           # Studio is still migrating) and waits a day
+           "PUSH_EVERY": "24h", "RETRAIN_EVERY": "24h", "RETRY_AFTER": "24h"}
     env_file = tmp_path_factory.mktemp("compose") / ".env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     stack = Stack(env_file, env)
@@ -233,6 +245,9 @@ def test_the_compose_stack_runs_the_loop_and_keeps_everything_across_down_and_up
     report.append(f"retrain pulled {decision['new_labels']} labels, promoted v2: "
                   f"{decision['reason']}")
 
+    report.append(scrape_after_the_round(stack, small_scenario, client, project, decision,
+                                         len(tasks)))
+
     rows_before = stack.captures_in_index()
     annotated_before = sum(t.total_annotations for t in client.tasks.list(project=project.id))
     stack.compose("down")
@@ -260,6 +275,73 @@ def test_the_compose_stack_runs_the_loop_and_keeps_everything_across_down_and_up
               + f"; {time.monotonic() - started:.0f} s in all")
 
 
+def scrape_after_the_round(stack: Stack, small_scenario: Path, client, project, decision: dict,
+                           first_tasks: int) -> str:
+    """Every long-running visionloop process's scrape endpoint after push, answers, a
+    retrain and its gate: each count against the store it comes from."""
+    import random
+
+    from visionloop.core.model_store import ModelStore
+    from visionloop.core.registry import Registry
+
+    # a full drift window of traffic like the test split, so TorchServe has a reading
+    tests = sorted((small_scenario / "test").rglob("*.png"))
+    random.Random(0).shuffle(tests)
+    assert all(stack.predict(p.read_bytes())[0] == 200 for p in tests[:200])
+
+    def of_model(scraped: dict, name: str) -> dict[tuple, float]:
+        return {labels: v for (n, labels), v in scraped.items()
+                if n == name and ("ModelName", MODEL) in labels}
+
+    deadline = time.monotonic() + 30  # the frontend takes the workers' metrics from their logs
+    while True:
+        torchserve = stack.scrape("torchserve", 8082)
+        captured = sum(of_model(torchserve, "CapturedPredictions_total").values())
+        if captured == stack.captures_in_index() or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert captured == stack.captures_in_index() > 0, captured  # one TorchServe wrote them all
+    assert list(of_model(torchserve, "ServedVersion").values()) == [2.0]
+    assert of_model(torchserve, "CapturesRateLimited_total")  # (the parser adds _total)
+    drift = {dict(labels)["Statistic"]: v
+             for labels, v in of_model(torchserve, "TrafficDrift").items()
+             if ("ModelVersion", "v2") in labels}
+    assert {"distance", "mix", "distance_threshold", "drifted"} <= set(drift), drift
+
+    backend = stack.scrape("ml-backend", 9090)
+    tasks_now = list(client.tasks.list(project=project.id, fields="all"))
+    reviews = [t for t in tasks_now if "review_of" in (t.data or {})]
+    registry = Registry(ModelStore(stack.volume("model_store")), MODEL)
+    gated = [d for d in registry.decisions() if d.gate]
+    labelled = [p for p in (stack.volume("labels") / "images").rglob("*") if p.is_file()]
+    assert backend[("visionloop_captures", ())] == stack.captures_in_index()
+    assert backend[("visionloop_tasks_pushed", ())] == len(tasks_now) - len(reviews) \
+        == first_tasks
+    assert backend[("visionloop_labels_pulled", ())] == len(labelled) == decision["new_labels"]
+    assert backend[("visionloop_labels_waiting_for_review", ())] == len(reviews)
+    assert backend[("visionloop_labels_waiting_for_retrain", ())] == 0  # v2 trained on all
+    assert backend[("visionloop_gate_decisions_total", (("promoted", "true"),))] == \
+        sum(d.promoted for d in gated) == 1
+    assert backend[("visionloop_gate_decisions_total", (("promoted", "false"),))] == 0
+    assert backend[("visionloop_champion_version", ())] == 2
+    assert ("visionloop_ml_backend_predict_seconds_count", ()) in backend
+
+    runs = {}
+    for job in ("push", "retrain"):  # each daemon ran once at `up`, then waits a day
+        scraped = stack.scrape(job, 9100)
+        runs[job] = {dict(labels)["outcome"]: v for (n, labels), v in scraped.items()
+                     if n == "visionloop_job_runs_total" and ("job", job) in labels}
+        assert sum(runs[job].values()) == 1, (job, runs[job])
+        assert ("visionloop_job_last_run_seconds", (("job", job),)) in scraped
+    return (f"scraped after the round: TorchServe {captured:.0f} captures (= the index), "
+            f"serves v2, drift distance {drift['distance']:.1f} (threshold "
+            f"{drift['distance_threshold']:.1f}); ML backend {len(tasks_now) - len(reviews)} "
+            f"tasks pushed, {len(labelled)} labels pulled (0 waiting for a retrain), "
+            f"{len(reviews)} waiting for review, "
+            f"1 gate decision promoted, champion 2 (each = its store); schedulers' runs "
+            f"{runs}")
+
+
 def test_the_replicas_profile_rolls_a_promotion_through_both_under_load(stack, small_scenario,
                                                                        capsys):
     """After the loop test (v2 serving): `--profile replicas up` adds a second TorchServe
@@ -273,6 +355,9 @@ def test_the_replicas_profile_rolls_a_promotion_through_both_under_load(stack, s
     bodies = [path.read_bytes() for path, _ in pool]
     truth = {hashlib.sha256(b).hexdigest(): label for b, (_, label) in zip(bodies, pool,
                                                                           strict=True)}
+    # the first test sent test/ images too (a drift window): any of them can be pushed now
+    truth.update({hashlib.sha256(p.read_bytes()).hexdigest(): p.parent.name
+                  for p in (small_scenario / "test").rglob("*.png")})
     through = Stack(stack.env_file, {**stack.env, "INFERENCE_PORT": stack.env["BALANCER_PORT"]})
     through.wait_serving(bodies[0], "v2")
     assert balancer == through.inference
