@@ -105,7 +105,7 @@ def test_the_readme_walkthrough_runs_as_written_on_real_photos(tmp_path):
            "VISIONLOOP_SERVE_GRPC_INFERENCE_PORT": str(grpc),
            "VISIONLOOP_SERVE_GRPC_MANAGEMENT_PORT": str(grpc_management),
            "VISIONLOOP_LABELSTUDIO_PORT": str(ls_port),
-           # two of the five learners: the fine-tunes add ~1.5 min and nothing to check here
+           # two of the six learners: the others add ~1.5 min and nothing to check here
            "VISIONLOOP_TRAIN_CANDIDATES": "head,multiblock_head"}
     (tmp_path / "annotate.py").write_text(ANNOTATOR)
     annotate = f"{sys.executable} {tmp_path / 'annotate.py'} {tmp_path / 'truth.json'} {ls_port}"
