@@ -1,0 +1,98 @@
+"""After a `make demo`: what the loop's labels and each random draw's labels buy the
+multi-block head at each L2 strength, re-fit offline on the demo's own data and labels.
+
+A retrain keeps its champion's L2 (trainer.train.head_strength says why: re-choosing it
+on val/ in every retrain moved scores by noise). This measures what that costs: the head is
+fit on train/ alone and on train/ plus the loop's pulled labels (runs/demo/labels) or one
+random draw's (runs/demo/labels-random*), with the champion's prior kept, at every L2 of
+trainer.head.L2_GRID, scored on val/ and test/ (macro-F1, minority recall). No serving
+path, no gate: the heads the retrains would fit, side by side.
+
+    python -m bench.head_l2_after_loop --demo-dir runs/demo --image-size 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from visionloop.core.manifest import Preprocessing
+from visionloop.core.preprocess import preprocess_image
+from visionloop.core.scenario import class_names
+from visionloop.trainer.data import ImageListDataset
+from visionloop.trainer.embeddings import head_removed
+from visionloop.trainer.head import L2_GRID, fit_linear_head
+from visionloop.trainer.metrics import classification_report, minority_recall
+from visionloop.trainer.models import LITE0_MULTIBLOCK, build_model
+
+
+def labelled_tree(root: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
+    return [(p, classes.index(c)) for c in classes if (root / c).is_dir()
+            for p in sorted((root / c).iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
+def embed(model, head_prefix: str, pre: Preprocessing, samples: list) -> np.ndarray:
+    loader = DataLoader(ImageListDataset(samples, lambda image: preprocess_image(image, pre)),
+                        batch_size=256)
+    with torch.inference_mode(), head_removed(model.eval(), head_prefix) as backbone:
+        return np.concatenate([backbone(x).float().numpy() for x, _ in loader])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo-dir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--data", type=Path, default=Path("data/fashion-mnist-lt"))
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    classes = class_names(args.data)
+    minority = json.loads((args.data / "scenario.json").read_text())["config"]["minority"]
+    built = build_model(LITE0_MULTIBLOCK, len(classes), "DEFAULT")
+    pre = Preprocessing(args.image_size, args.image_size, built.mean, built.std)
+    trees = {split: args.data / split for split in ("train", "val", "test")}
+    trees["loop"] = args.demo_dir / "labels" / "images"
+    for draw in sorted(args.demo_dir.glob("labels-random*")):
+        trees[draw.name.replace("labels-", "")] = draw / "images"
+    samples = {name: labelled_tree(root, classes) for name, root in trees.items()}
+    features = {name: embed(built.model, built.head_prefix, pre, s) for name, s in samples.items()}
+    labels = {name: np.array([y for _, y in s]) for name, s in samples.items()}
+    prior = np.bincount(labels["train"], minlength=len(classes)).astype(float)
+    mean, scale = features["train"].mean(0), features["train"].std(0) + 1e-6
+    z = {name: ((f - mean) / scale).astype(np.float32) for name, f in features.items()}
+    arms = ["train only", "loop"] + [n for n in trees if n.startswith("random")]
+    rows = []
+    for l2 in L2_GRID:
+        for arm in arms:
+            extra = [] if arm == "train only" else [arm]
+            x = np.concatenate([z["train"]] + [z[a] for a in extra])
+            y = np.concatenate([labels["train"]] + [labels[a] for a in extra])
+            weight, bias = fit_linear_head(x, y, prior, l2=l2)
+            row = {"l2": l2, "arm": arm, "labels": len(y) - len(labels["train"])}
+            for split in ("val", "test"):
+                report = classification_report(torch.from_numpy(z[split] @ weight.T + bias),
+                                               torch.from_numpy(labels[split]), classes)
+                row[split] = (report["macro_f1"], minority_recall(report, minority))
+            rows.append(row)
+            print(row, flush=True)
+    lines = [f"# The head at each L2 after the demo's labels ({args.image_size} px)", "",
+             f"`python -m bench.head_l2_after_loop --demo-dir {args.demo_dir} --image-size "
+             f"{args.image_size}` on this machine (2 CPU cores): the multi-block head re-fit "
+             "offline on train/ plus each arm's labels, the champion's prior kept.", "",
+             "| L2 | arm | val macro-F1 | val minority recall | test macro-F1 "
+             "| test minority recall |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['l2']:g} | {r['arm']} | {r['val'][0]:.4f} | {r['val'][1]:.3f} | "
+                     f"{r['test'][0]:.4f} | {r['test'][1]:.3f} |")
+    out = args.out / f"head-l2-after-loop-{args.image_size}px.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
