@@ -19,14 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from visionloop.core.manifest import Preprocessing
-from visionloop.core.preprocess import preprocess_image
 from visionloop.core.scenario import class_names
-from visionloop.trainer.data import ImageListDataset
-from visionloop.trainer.embeddings import head_removed
-from visionloop.trainer.head import L2_GRID, fit_linear_head
+from visionloop.trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
+from visionloop.trainer.head import L2_GRID, fit_head, logits_of
 from visionloop.trainer.metrics import classification_report, minority_recall
 from visionloop.trainer.models import LITE0_MULTIBLOCK, build_model
 
@@ -36,19 +33,13 @@ def labelled_tree(root: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]
             for p in sorted((root / c).iterdir()) if p.is_file() and not p.name.startswith(".")]
 
 
-def embed(model, head_prefix: str, pre: Preprocessing, samples: list) -> np.ndarray:
-    loader = DataLoader(ImageListDataset(samples, lambda image: preprocess_image(image, pre)),
-                        batch_size=256)
-    with torch.inference_mode(), head_removed(model.eval(), head_prefix) as backbone:
-        return np.concatenate([backbone(x).float().numpy() for x, _ in loader])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--data", type=Path, default=Path("data/fashion-mnist-lt"))
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--embedding-cache", type=Path, default=Path("runs/bench-al/embeddings"))
     args = parser.parse_args()
     classes = class_names(args.data)
     minority = json.loads((args.data / "scenario.json").read_text())["config"]["minority"]
@@ -59,22 +50,28 @@ def main() -> None:
     for draw in sorted(args.demo_dir.glob("labels-random*")):
         trees[draw.name.replace("labels-", "")] = draw / "images"
     samples = {name: labelled_tree(root, classes) for name, root in trees.items()}
-    features = {name: embed(built.model, built.head_prefix, pre, s) for name, s in samples.items()}
+    cache = EmbeddingCache(args.embedding_cache, backbone_fingerprint(
+        built.model, built.head_prefix, LITE0_MULTIBLOCK, pre))
+    try:
+        features = {name: embed_files(built.model, built.head_prefix, pre, [p for p, _ in s],
+                                      cache, torch.device("cpu"))
+                    for name, s in samples.items()}
+    finally:
+        cache.close()
     labels = {name: np.array([y for _, y in s]) for name, s in samples.items()}
     prior = np.bincount(labels["train"], minlength=len(classes)).astype(float)
-    mean, scale = features["train"].mean(0), features["train"].std(0) + 1e-6
-    z = {name: ((f - mean) / scale).astype(np.float32) for name, f in features.items()}
     arms = ["train only", "loop"] + [n for n in trees if n.startswith("random")]
     rows = []
     for l2 in L2_GRID:
         for arm in arms:
             extra = [] if arm == "train only" else [arm]
-            x = np.concatenate([z["train"]] + [z[a] for a in extra])
+            x = np.concatenate([features["train"]] + [features[a] for a in extra])
             y = np.concatenate([labels["train"]] + [labels[a] for a in extra])
-            weight, bias = fit_linear_head(x, y, prior, l2=l2)
+            # as a retrain fits it: standardised by its own train set, the L2 given
+            fit = fit_head((x, y), (features["val"], labels["val"]), classes, prior, l2=l2)
             row = {"l2": l2, "arm": arm, "labels": len(y) - len(labels["train"])}
             for split in ("val", "test"):
-                report = classification_report(torch.from_numpy(z[split] @ weight.T + bias),
+                report = classification_report(logits_of(fit, features[split]),
                                                torch.from_numpy(labels[split]), classes)
                 row[split] = (report["macro_f1"], minority_recall(report, minority))
             rows.append(row)
