@@ -22,7 +22,7 @@ either statistic crosses its threshold.
 The distance threshold is also at least (1 + margin) x the held-out mean distance: a window
 of 200 is so precise that traffic as close to the training data as another sample of the
 same source (Fashion-MNIST's pool against its test file: +2% to +6% in mean distance)
-crossed the bootstrap quantile alone in 3.5% of windows, not 1% (bench/drift.py, which
+crossed the bootstrap quantile alone in 3.8% of windows, not 1% (bench/drift.py, which
 shows the false alarms and detections at each margin). Like the gate's margins, it says
 how large a change is worth an alarm.
 """

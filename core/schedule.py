@@ -22,6 +22,8 @@ from visionloop.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
+FIRST_RETRY_S = 30.0  # after a failed run; doubling while runs fail
+
 
 def parse_duration(text: str) -> float:
     """'90s', '15m', '2h', '1d' -> seconds."""
@@ -48,10 +50,10 @@ def add_schedule_arguments(parser: argparse.ArgumentParser, every_help: str) -> 
                         help="with --every: serve the schedule's Prometheus metrics on PORT")
     parser.add_argument("--metrics-host", default="127.0.0.1",
                         help="where --metrics-port listens (0.0.0.0 in a container)")
-    parser.add_argument("--retry-after", metavar="DURATION", default="30s",
+    parser.add_argument("--retry-after", metavar="DURATION", default=f"{FIRST_RETRY_S:g}s",
                         help="with --every: after a failed run, try again this soon, "
                              "doubling while runs fail, never later than --every "
-                             "(default 30s)")
+                             "(default %(default)s)")
 
 
 def metrics_address(args: argparse.Namespace) -> MetricsAddress | None:
@@ -86,9 +88,6 @@ class JobMetrics:
         self.seconds.labels(self.job).set(seconds)
         if ok:
             self.last_success.labels(self.job).set_to_current_time()
-
-
-FIRST_RETRY_S = 30.0
 
 
 def run_every(interval_s: float, run: Callable[[], object], what: str,
