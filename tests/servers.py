@@ -12,6 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from visionloop.core.ports import free_loopback_ports
 from visionloop.serving import server
 
@@ -45,6 +47,13 @@ def worker_pids(cfg: server.ServerConfig, model: str) -> list[int]:
     described = server.management_json(cfg, f"/models/{model}/all")
     return sorted(int(w["pid"]) for d in described for w in d.get("workers", [])
                   if w.get("status") == "READY")
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """A Prometheus exposition, parsed with the official client: (sample name, sorted
+    labels) -> value. The parser names a counter's samples <name>_total."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def kill_worker(cfg: server.ServerConfig, model: str, timeout: float = 60.0) -> tuple[float, float]:

@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import MINORITY
 from tests.containers import PODMAN, ROOT, build_service_images, podman, shared_folder
+from tests.servers import metric_samples
 from visionloop.core.ports import free_loopback_ports
 from visionloop.core.scenario import read_pool
 from visionloop.labeling.project import FROM_NAME, TO_NAME
@@ -161,12 +162,8 @@ class Stack:
     def scrape(self, service: str, port: int) -> dict[tuple[str, tuple], float]:
         """A service's Prometheus endpoint, fetched inside the compose network (none is
         published) and parsed with the official client: (name, labels) -> value."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = self.compose("exec", "-T", service, "curl", "-fsS",
-                            f"http://127.0.0.1:{port}/metrics").stdout
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return metric_samples(self.compose("exec", "-T", service, "curl", "-fsS",
+                                           f"http://127.0.0.1:{port}/metrics").stdout)
 
     def captures_in_index(self) -> int:
         out = self.compose("exec", "-T", "-e", f"PGPASSWORD={self.env['POSTGRES_PASSWORD']}",

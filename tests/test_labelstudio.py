@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from label_studio_sdk import LabelStudio
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.servers import metric_samples
 from visionloop.core.capture_store import DB_FILE, CaptureStore
 from visionloop.core.manifest import ModelManifest
 from visionloop.core.model_store import ModelStore
@@ -551,8 +551,7 @@ def test_a_label_the_model_contradicts_goes_back_for_review_once(
     finally:
         backend.shutdown()
         backend.server_close()
-    scraped = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
+    scraped = metric_samples(text)
     captures = CaptureStore(root)
     try:
         stored = [c for c in captures.captures() if c.model_name == manifest.name]
