@@ -1,12 +1,13 @@
 """After a `make demo`: what the loop's labels and each random draw's labels buy the
 multi-block head at each L2 strength, re-fit offline on the demo's own data and labels.
 
-A retrain keeps its champion's L2 (trainer.train.head_strength says why: re-choosing it
-on val/ in every retrain moved scores by noise). This measures what that costs: the head is
-fit on train/ alone and on train/ plus the loop's pulled labels (runs/demo/labels) or one
+A retrain tries its champion's L2 and the weaker ones (trainer.train.head_strengths says
+why not the whole grid, and why not the champion's alone). This measures that rule: the head
+is fit on train/ alone and on train/ plus the loop's pulled labels (runs/demo/labels) or one
 random draw's (runs/demo/labels-random*), with the champion's prior kept, at every L2 of
-trainer.head.L2_GRID, scored on val/ and test/ (macro-F1, minority recall). No serving
-path, no gate: the heads the retrains would fit, side by side.
+trainer.head.L2_GRID, scored on val/ and test/ (macro-F1, minority recall); then what a
+retrain would pick under the rule, and under the earlier one (the champion's L2 kept). No
+serving path, no gate: the heads the retrains would fit, side by side.
 
     python -m bench.head_l2_after_loop --demo-dir runs/demo --image-size 96
 """
@@ -23,7 +24,7 @@ import torch
 from visionloop.core.manifest import Preprocessing
 from visionloop.core.scenario import class_names
 from visionloop.trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
-from visionloop.trainer.head import L2_GRID, fit_head, logits_of
+from visionloop.trainer.head import L2_GRID, fit_head, logits_of, no_stronger_than
 from visionloop.trainer.metrics import classification_report, minority_recall
 from visionloop.trainer.models import LITE0_MULTIBLOCK, build_model
 
@@ -31,6 +32,30 @@ from visionloop.trainer.models import LITE0_MULTIBLOCK, build_model
 def labelled_tree(root: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
     return [(p, classes.index(c)) for c in classes if (root / c).is_dir()
             for p in sorted((root / c).iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
+def picks_table(rows: list[dict], arms: list[str]) -> list[str]:
+    """Per arm, the L2 a retrain picks on val/ from the champion's (train only's best on
+    val/) under each rule, with its test/ scores; the random draws' mean under each rule."""
+    by = {(r["arm"], r["l2"]): r for r in rows}
+    champion = max(L2_GRID, key=lambda g: (by[("train only", g)]["val"][0], -g))
+    rules = {"champion's kept": (champion,), "champion's or weaker": no_stronger_than(champion)}
+    lines = [f"What a retrain picks from the champion's L2 {champion:g}:", "",
+             "| arm | rule | L2 | test macro-F1 | test minority recall |", "|---|---|---|---|---|"]
+    for rule, strengths in rules.items():
+        picked = {}
+        for arm in arms:
+            # first of the strengths wins a tie, as in fit_head
+            best = max(strengths, key=lambda g: (by[(arm, g)]["val"][0], -strengths.index(g)))
+            picked[arm] = by[(arm, best)]
+            lines.append(f"| {arm} | {rule} | {best:g} | {picked[arm]['test'][0]:.4f} | "
+                         f"{picked[arm]['test'][1]:.3f} |")
+        draws = [picked[a]["test"] for a in arms if a.startswith("random")]
+        if draws:
+            lines.append(f"| random mean of {len(draws)} | {rule} | - | "
+                         f"{np.mean([d[0] for d in draws]):.4f} | "
+                         f"{np.mean([d[1] for d in draws]):.3f} |")
+    return lines
 
 
 def main() -> None:
@@ -86,6 +111,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['l2']:g} | {r['arm']} | {r['val'][0]:.4f} | {r['val'][1]:.3f} | "
                      f"{r['test'][0]:.4f} | {r['test'][1]:.3f} |")
+    lines += ["", *picks_table(rows, arms)]
     out = args.out / f"head-l2-after-loop-{args.image_size}px.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

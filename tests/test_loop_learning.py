@@ -18,7 +18,7 @@ from visionloop.core.manifest import Preprocessing
 from visionloop.core.scenario import ScenarioError, check_layout, read_pool
 from visionloop.demo import stream_sizes
 from visionloop.trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
-from visionloop.trainer.head import fit_head, fit_linear_head, logits_of, set_head
+from visionloop.trainer.head import fit_head, fit_linear_head, logits_of, no_stronger_than, set_head
 
 PRE = Preprocessing(image_size=8, resize=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -111,6 +111,17 @@ def test_head_fit_folds_its_standardisation_into_the_linear_layer():
         from_layer = head(torch.from_numpy(x))
     assert torch.allclose(from_layer, logits_of(fit, x), atol=1e-3)
     assert (from_layer.argmax(1).numpy() == y).mean() > 0.8
+
+
+def test_a_retrain_tries_its_parents_strength_first_and_only_weaker_ones():
+    assert no_stronger_than(3e-2) == (3e-2, 1e-2, 3e-3, 1e-3)
+    assert no_stronger_than(1e-3) == (1e-3,)
+    # separable blobs: every strength scores 1.0 on val/, and the tie keeps the parent's
+    x, y = _two_blobs(np.random.default_rng(2), 200, 200)
+    x[y == 1] += 20
+    fit = fit_head((x, y), (x, y), ("a", "b"), np.array([1.0, 1.0]), no_stronger_than(1e-2))
+    assert set(fit.val_macro_f1.values()) == {1.0}
+    assert fit.l2 == 1e-2 and list(fit.val_macro_f1) == [1e-2, 3e-3, 1e-3]
 
 
 def test_bootstrap_intervals_cover_the_estimate_and_pair_the_images():

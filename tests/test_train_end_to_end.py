@@ -174,6 +174,8 @@ def test_head_learner_fits_on_cached_embeddings_and_keeps_the_prior(small_scenar
     assert child.parent_version == parent.version
     assert child.train_counts != parent.train_counts  # the val images were added
     assert child.metrics["prior_counts"] == parent.metrics["prior_counts"]
-    # and its L2 strength: one value tried, the parent's
-    assert child.metrics["head"]["l2"] == parent.metrics["head"]["l2"]
-    assert list(child.metrics["head"]["val_macro_f1_per_l2"]) == [str(parent.metrics["head"]["l2"])]
+    # and its L2 strength tries the parent's first, then only weaker ones
+    parent_l2 = parent.metrics["head"]["l2"]
+    tried = [float(k) for k in child.metrics["head"]["val_macro_f1_per_l2"]]
+    assert tried == [parent_l2] + sorted((g for g in L2_GRID if g < parent_l2), reverse=True)
+    assert child.metrics["head"]["l2"] <= parent_l2

@@ -82,7 +82,8 @@ class TrainConfig:
     budget_s: float = 900.0
     tune: str = "all"  # finetune: all | last_blocks | norms_biases of the backbone
     last_blocks: int = 4  # tune=last_blocks: this many of the backbone's last blocks
-    head_l2: float | None = None  # head: L2; None = the parent's, else chosen on val/ (L2_GRID)
+    # head: L2; None = chosen on val/ (L2_GRID; a warm start: its parent's or a weaker one)
+    head_l2: float | None = None
     embedding_cache: str = "runs/embeddings"  # head: embeddings by image sha256 + backbone
     weights: str = "DEFAULT"  # DEFAULT | none | path to a state_dict file
     parent: str | None = None  # warm start from out/<name>/<parent> (e.g. "v3") or "latest"

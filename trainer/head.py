@@ -76,17 +76,25 @@ def logits_of(fit: HeadFit, features: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(features @ fit.weight.T + fit.bias).float()
 
 
+def no_stronger_than(ceiling: float) -> tuple[float, ...]:
+    """The strengths a retrain of a head fit at `ceiling` tries: that one first (it wins a
+    tie on val/), then the weaker ones of L2_GRID, strongest first. More labels justify
+    less regularisation, never more; see trainer.train.head_strengths for the figures."""
+    return (ceiling,) + tuple(sorted((g for g in L2_GRID if g < ceiling), reverse=True))
+
+
 def fit_head(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
              classes: tuple[str, ...], prior: np.ndarray,
-             l2: float | None = None) -> HeadFit:
-    """Standardise by the training embeddings, fit one head per l2 (the given one, or each
-    of L2_GRID) and keep the best on val macro-F1."""
+             l2: float | tuple[float, ...] | None = None) -> HeadFit:
+    """Standardise by the training embeddings, fit one head per strength (the given one or
+    ones, else each of L2_GRID) and keep the best on val macro-F1; a tie keeps the first."""
     mean, scale = train[0].mean(axis=0), train[0].std(axis=0) + 1e-6
     x_train = ((train[0] - mean) / scale).astype(np.float32)
     x_val = ((val[0] - mean) / scale).astype(np.float32)
     scores: dict[float, float] = {}
     best: tuple[float, np.ndarray, np.ndarray] | None = None
-    for strength in (l2,) if l2 is not None else L2_GRID:
+    strengths = L2_GRID if l2 is None else (l2,) if isinstance(l2, float) else l2
+    for strength in strengths:
         weight, bias = fit_linear_head(x_train, train[1], prior, l2=strength)
         logits = torch.from_numpy(x_val @ weight.T + bias)
         scores[strength] = classification_report(logits, torch.from_numpy(val[1]),

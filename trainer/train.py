@@ -41,7 +41,7 @@ from visionloop.trainer.distributed import DistContext, init_distributed, shutdo
 from visionloop.trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
 from visionloop.trainer.engine import predict_logits, train_one_epoch
 from visionloop.trainer.export import export_all
-from visionloop.trainer.head import fit_head, logits_of, set_head
+from visionloop.trainer.head import fit_head, logits_of, no_stronger_than, set_head
 from visionloop.trainer.metrics import (
     classification_report,
     expected_calibration_error,
@@ -271,33 +271,40 @@ def head_prior(parent: ModelManifest | None, splits: Splits) -> list[int]:
     return list(splits.train_counts)
 
 
-def head_strength(cfg: TrainConfig, parent: ModelManifest | None) -> float | None:
-    """The head's L2 strength: the configured one; else a warm start keeps its parent's;
-    else None (chosen on val/). Chosen once, for the champion: re-choosing it in every
-    retrain flips between grid values that tie on val/ (macro-F1 0.785 against 0.783) but
-    not on test (minority recall 0.699 against 0.732): a random-label retrain in the demo
-    moved minority recall by +0.08 without one new minority label, which is noise the
-    gate and the comparison with random labelling would then measure."""
+def head_strengths(cfg: TrainConfig, parent: ModelManifest | None) -> tuple[float, ...] | None:
+    """The head's L2 strengths to try on val/: the configured one; else a warm start tries
+    its parent's and the weaker ones of the grid, the parent's winning a tie; else None
+    (all of L2_GRID, for a champion).
+
+    Not stronger: a retrain has more labels, never fewer. Not only the parent's either:
+    the 96 px champion chose 0.1 over 0.03 on a val/ tie (macro-F1 0.8354 against 0.8337),
+    and with 0.1 kept the loop's 300 labels lowered val/ macro-F1 to 0.8284, so no
+    challenger passed the gate; at 0.03 the same labels give val/ 0.8373 and test/ 0.859
+    against 0.846 (bench/results/head-l2-after-loop-96px.md). Not the whole grid: a tie
+    between a stronger and a weaker value flips either way from one retrain to the next,
+    and moved a random-label retrain's test/ minority recall by +0.08 without one new
+    minority label (0.699 against 0.732 at tied val/ macro-F1 0.785 and 0.783)."""
     if cfg.head_l2 is not None:
-        return cfg.head_l2
+        return (cfg.head_l2,)
     if parent is not None and "l2" in parent.metrics.get("head", {}):
-        return float(parent.metrics["head"]["l2"])
+        return no_stronger_than(float(parent.metrics["head"]["l2"]))
     return None
 
 
 def base_data_strength(train: np.ndarray, train_labels: np.ndarray, splits: Splits,
                        val: np.ndarray, val_labels: np.ndarray, prior: np.ndarray) -> float:
-    """A warm start whose parent has no head L2 (a fine-tuned champion) chooses it on val/
-    from the base data alone, so every challenger of one champion uses the same strength
-    whatever labels it adds (head_strength says why that matters)."""
+    """A warm start whose parent has no head L2 (a fine-tuned champion) chooses the ceiling
+    on val/ from the base data alone, so every challenger of one champion starts from the
+    same strength whatever labels it adds (head_strengths says why that matters)."""
     base = slice(0, splits.base_train)
     return fit_head((train[base], train_labels[base]), (val, val_labels), splits.classes,
                     prior).l2
 
 
 def train_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, splits: Splits,
-               labels: dict[str, np.ndarray], prior: list[int], l2: float | None,
-               warm_start: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+               labels: dict[str, np.ndarray], prior: list[int],
+               strengths: tuple[float, ...] | None, warm_start: bool,
+               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Re-fit the linear head on cached embeddings of the frozen backbone; the model's head
     is set to it. Returns val and test logits and what was chosen."""
     if ctx.world_size > 1:
@@ -315,11 +322,11 @@ def train_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, splits:
     finally:
         cache.close()
     prior = np.asarray(prior, dtype=np.float64)
-    if l2 is None and warm_start:
-        l2 = base_data_strength(features["train"], labels["train"], splits, features["val"],
-                                labels["val"], prior)
+    if strengths is None and warm_start:
+        strengths = no_stronger_than(base_data_strength(
+            features["train"], labels["train"], splits, features["val"], labels["val"], prior))
     fit = fit_head((features["train"], labels["train"]), (features["val"], labels["val"]),
-                   splits.classes, prior, l2)
+                   splits.classes, prior, strengths)
     set_head(start.model, start.head_prefix, fit)
     log.info("head fit on %d embeddings: l2 %g (val macro-F1 per l2: %s)", len(labels["train"]),
              fit.l2, {k: round(v, 4) for k, v in fit.val_macro_f1.items()})
@@ -403,7 +410,7 @@ def fit_and_evaluate_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoi
     labels = {name: np.array([y for _, y in samples], dtype=np.int64) for name, samples in
               (("train", splits.train), ("val", splits.val), ("test", splits.test))}
     val_logits, test_logits, info = train_head(cfg, ctx, start, splits, labels, prior,
-                                               head_strength(cfg, parent), parent is not None)
+                                               head_strengths(cfg, parent), parent is not None)
     metrics = metrics_from_logits(val_logits, torch.from_numpy(labels["val"]), test_logits,
                                   torch.from_numpy(labels["test"]), splits, minority)
     metrics["head"] = info

@@ -86,12 +86,12 @@ class DemoConfig:
     # keep the champion's backbone and re-fit its head (RetrainConfig.learner "champion")
     learner: str = "auto"
     # auto: what the champion's selection tries, comma-separated, and its time budget. The
-    # two heads take ~2-3 min on the default scenario; each fine-tune candidate 3-4 min
-    # more, which would take the demo past 15 min on 2 cores (bench/learners.py trains
-    # them all; `--candidates` of the trainer's config for the full list). Not the 96 px
-    # head: a better champion (0.846), but the loop's challengers from it did not pass the
-    # gate in any round and random labels ended ahead (bench/results/demo-cpu-96px-champion)
-    champion_candidates: str = "head,multiblock_head"
+    # two multi-block heads (64 and 96 px) take ~3 min on the default scenario; each
+    # fine-tune candidate 3-4 min more, which would take the demo past 15 min on 2 cores
+    # (bench/learners.py trains them all; `--candidates` of the trainer's config for the
+    # full list). Not the last-block head: behind the multi-block one on every scenario
+    # of bench/learners.py
+    champion_candidates: str = "multiblock_head,multiblock_head_96"
     champion_budget_s: float = 300.0
     image_size: int = 64  # 64 px frozen Lite0 features: macro-F1 0.79 against 0.75 at 32 px
     champion_epochs: int = 4  # finetune only
