@@ -92,7 +92,9 @@ def embeddings(data: Path, cache_root: Path, image_size: int) -> dict[str, tuple
 
 class Learner:
     """The product's head learner on fixed embeddings: standardised by train/, L2 chosen on
-    val/ for the champion, the champion's prior kept for every re-fit."""
+    val/ for the champion, the champion's prior and L2 kept for every re-fit. (A product
+    retrain may move to a weaker L2, trainer.train.head_strengths; this bench's figures
+    were measured before that rule and keep the champion's.)"""
 
     def __init__(self, data: dict[str, tuple], classes: tuple[str, ...], minority: list[int]):
         self.classes, self.minority = classes, minority

@@ -287,7 +287,10 @@ class Demo:
 
     def _loop(self, starter: threading.Thread, started: dict) -> Path:
         c, t = self.cfg, self.timer
-        t.step("training the champion (%s learner, %d px)", c.learner, c.image_size)
+        if c.learner == "auto":  # each candidate has its own input size
+            t.step("training the champion (auto learner: %s)", c.champion_candidates)
+        else:
+            t.step("training the champion (%s learner, %d px)", c.learner, c.image_size)
         champion_dir = train_champion(c, self.store)
         manifest = ModelManifest.load(champion_dir)
         t.step("champion: %s (%s)", manifest.version, manifest.metrics.get("learner", c.learner))
