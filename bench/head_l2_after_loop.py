@@ -23,30 +23,26 @@ import torch
 
 from visionloop.core.manifest import Preprocessing
 from visionloop.core.scenario import class_names
+from visionloop.trainer.data import scan_image_folder
 from visionloop.trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
 from visionloop.trainer.head import L2_GRID, fit_head, logits_of, no_stronger_than
 from visionloop.trainer.metrics import classification_report, minority_recall
 from visionloop.trainer.models import LITE0_MULTIBLOCK, build_model
 
 
-def labelled_tree(root: Path, classes: tuple[str, ...]) -> list[tuple[Path, int]]:
-    return [(p, classes.index(c)) for c in classes if (root / c).is_dir()
-            for p in sorted((root / c).iterdir()) if p.is_file() and not p.name.startswith(".")]
-
-
 def picks_table(rows: list[dict], arms: list[str]) -> list[str]:
     """Per arm, the L2 a retrain picks on val/ from the champion's (train only's best on
     val/) under each rule, with its test/ scores; the random draws' mean under each rule."""
     by = {(r["arm"], r["l2"]): r for r in rows}
-    champion = max(L2_GRID, key=lambda g: (by[("train only", g)]["val"][0], -g))
+    # max() keeps the first of equal keys, as fit_head keeps the first of equal scores
+    champion = max(L2_GRID, key=lambda g: by[("train only", g)]["val"][0])
     rules = {"champion's kept": (champion,), "champion's or weaker": no_stronger_than(champion)}
     lines = [f"What a retrain picks from the champion's L2 {champion:g}:", "",
              "| arm | rule | L2 | test macro-F1 | test minority recall |", "|---|---|---|---|---|"]
     for rule, strengths in rules.items():
         picked = {}
         for arm in arms:
-            # first of the strengths wins a tie, as in fit_head
-            best = max(strengths, key=lambda g: (by[(arm, g)]["val"][0], -strengths.index(g)))
+            best = max(strengths, key=lambda g: by[(arm, g)]["val"][0])
             picked[arm] = by[(arm, best)]
             lines.append(f"| {arm} | {rule} | {best:g} | {picked[arm]['test'][0]:.4f} | "
                          f"{picked[arm]['test'][1]:.3f} |")
@@ -74,7 +70,9 @@ def main() -> None:
     trees["loop"] = args.demo_dir / "labels" / "images"
     for draw in sorted(args.demo_dir.glob("labels-random*")):
         trees[draw.name.replace("labels-", "")] = draw / "images"
-    samples = {name: labelled_tree(root, classes) for name, root in trees.items()}
+    # subset: a label tree holds only the classes labelled so far
+    samples = {name: scan_image_folder(root, classes, subset=True).samples
+               for name, root in trees.items()}
     cache = EmbeddingCache(args.embedding_cache, backbone_fingerprint(
         built.model, built.head_prefix, LITE0_MULTIBLOCK, pre))
     try:
@@ -93,7 +91,7 @@ def main() -> None:
             x = np.concatenate([features["train"]] + [features[a] for a in extra])
             y = np.concatenate([labels["train"]] + [labels[a] for a in extra])
             # as a retrain fits it: standardised by its own train set, the L2 given
-            fit = fit_head((x, y), (features["val"], labels["val"]), classes, prior, l2=l2)
+            fit = fit_head((x, y), (features["val"], labels["val"]), classes, prior, (l2,))
             row = {"l2": l2, "arm": arm, "labels": len(y) - len(labels["train"])}
             for split in ("val", "test"):
                 report = classification_report(logits_of(fit, features[split]),

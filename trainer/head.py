@@ -85,15 +85,14 @@ def no_stronger_than(ceiling: float) -> tuple[float, ...]:
 
 def fit_head(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
              classes: tuple[str, ...], prior: np.ndarray,
-             l2: float | tuple[float, ...] | None = None) -> HeadFit:
-    """Standardise by the training embeddings, fit one head per strength (the given one or
-    ones, else each of L2_GRID) and keep the best on val macro-F1; a tie keeps the first."""
+             strengths: tuple[float, ...] = L2_GRID) -> HeadFit:
+    """Standardise by the training embeddings, fit one head per L2 strength and keep the
+    best on val macro-F1; a tie keeps the first."""
     mean, scale = train[0].mean(axis=0), train[0].std(axis=0) + 1e-6
     x_train = ((train[0] - mean) / scale).astype(np.float32)
     x_val = ((val[0] - mean) / scale).astype(np.float32)
     scores: dict[float, float] = {}
     best: tuple[float, np.ndarray, np.ndarray] | None = None
-    strengths = L2_GRID if l2 is None else (l2,) if isinstance(l2, float) else l2
     for strength in strengths:
         weight, bias = fit_linear_head(x_train, train[1], prior, l2=strength)
         logits = torch.from_numpy(x_val @ weight.T + bias)

@@ -41,7 +41,7 @@ from visionloop.trainer.distributed import DistContext, init_distributed, shutdo
 from visionloop.trainer.embeddings import EmbeddingCache, backbone_fingerprint, embed_files
 from visionloop.trainer.engine import predict_logits, train_one_epoch
 from visionloop.trainer.export import export_all
-from visionloop.trainer.head import fit_head, logits_of, no_stronger_than, set_head
+from visionloop.trainer.head import L2_GRID, fit_head, logits_of, no_stronger_than, set_head
 from visionloop.trainer.metrics import (
     classification_report,
     expected_calibration_error,
@@ -326,7 +326,7 @@ def train_head(cfg: TrainConfig, ctx: DistContext, start: StartingPoint, splits:
         strengths = no_stronger_than(base_data_strength(
             features["train"], labels["train"], splits, features["val"], labels["val"], prior))
     fit = fit_head((features["train"], labels["train"]), (features["val"], labels["val"]),
-                   splits.classes, prior, strengths)
+                   splits.classes, prior, strengths or L2_GRID)
     set_head(start.model, start.head_prefix, fit)
     log.info("head fit on %d embeddings: l2 %g (val macro-F1 per l2: %s)", len(labels["train"]),
              fit.l2, {k: round(v, 4) for k, v in fit.val_macro_f1.items()})
