@@ -299,8 +299,9 @@ def test_a_rolling_promotion_behind_the_balancer_fails_no_request(cluster, small
               f"{len(outcomes)} requests, {len(failed)} failed; {took:.1f} s in all; "
               f"drains: {'; '.join(drains)}; {result.stdout.strip().splitlines()[-1]}")
     assert outcomes and not failed, Counter(o.status for o in failed)
-    # the drains found batches of v1 running after set-default, and waited for them
-    assert "a batch was running at" in result.stderr, result.stderr[-2000:]
+    # each replica drained v1 before unregistering it; whether a batch of v1 was still
+    # running at the check is a race with the load (CI saw both), so no assertion on it
+    assert len(drains) == len(cluster.replicas), result.stderr[-2000:]
     assert {o.version for o in outcomes} == {"v1", "v2"}
     for cfg in cluster.replicas:
         assert registered_versions(cfg, "fm") == ["v2"]
