@@ -49,6 +49,35 @@ def test_a_candidate_as_good_within_the_noise_that_finds_the_rare_class_is_picke
         table["first"]["val_minority_recall"]["estimate"]
 
 
+def test_among_candidates_val_cannot_tell_apart_the_preferred_one_is_picked():
+    labels = np.repeat([0, 1, 2], 200)  # class 2 is the minority one
+    ahead = _predictions(labels, np.arange(0, 600, 30))  # 20 wrong, 7 of them rare
+    # 24 others wrong: a lead of val/'s noise, not beyond it
+    preferred = _predictions(labels, np.arange(15, 600, 25))
+    scores = [CandidateScore("ahead", ahead, 1.0), CandidateScore("preferred", preferred, 1.0)]
+    picked, table = choose(labels, scores, 3, [2], preference=("preferred", "ahead"))
+    assert picked == "preferred" and table["preferred"]["contender"]
+    assert table["ahead"]["val_macro_f1"]["estimate"] > \
+        table["preferred"]["val_macro_f1"]["estimate"]
+    assert choose(labels, scores, 3, [2])[0] == "ahead"  # no preference: training order
+
+
+def test_a_preferred_candidate_worse_beyond_the_noise_is_not_picked():
+    labels = np.repeat([0, 1, 2], 200)  # class 2 is the minority one
+    good = _predictions(labels, np.arange(0, 400, 8))  # 50 majority images wrong
+    worse_overall = _predictions(labels, np.arange(0, 600, 4))  # 150 wrong
+    # better macro-F1 (no majority image wrong) but 40 of the 200 rare ones missed
+    misses_the_rare = _predictions(labels, np.arange(400, 440))
+    scores = [CandidateScore("good", good, 1.0), CandidateScore("worse", worse_overall, 1.0),
+              CandidateScore("misses", misses_the_rare, 1.0)]
+    picked, table = choose(labels, scores, 3, [2], preference=("worse", "misses", "good"))
+    assert picked == "good"
+    assert table["worse"]["val_macro_f1_minus_best"]["high"] < 0
+    assert table["misses"]["val_macro_f1"]["estimate"] > table["good"]["val_macro_f1"]["estimate"]
+    assert table["misses"]["val_minority_recall_minus_best"]["high"] < 0
+    assert not table["worse"]["contender"] and not table["misses"]["contender"]
+
+
 def test_without_minority_classes_the_best_macro_f1_is_picked():
     labels = np.repeat([0, 1, 2], 100)
     scores = [CandidateScore("a", _predictions(labels, np.arange(0, 300, 3)), 1.0),

@@ -47,6 +47,11 @@ CANDIDATES: dict[str, dict] = {
                   "image_size": 32, "epochs": 10, "freeze_epochs": 0, "lr": 3e-3,
                   "tune": "all"},
 }
+# Which candidate auto takes when val/ cannot tell them apart (trainer/selection.py): their
+# mean rank of test macro-F1 over bench/learners.py's 6 scenarios x 3 seeds (at 0495188:
+# 1.3, 2.6, 3.1, 3.1, 5.0, 5.9); a tie goes to the cheaper.
+PREFERENCE = ("multiblock_head_96", "partial_finetune", "multiblock_head", "norms_biases",
+              "head", "small_cnn")
 DEFAULT_ARCH = "efficientnet_lite0"
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")

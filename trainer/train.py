@@ -31,7 +31,7 @@ from visionloop.trainer import imbalance
 from visionloop.trainer.augment import TrainTransform
 from visionloop.trainer.calibration import calibrated_probabilities, fit_temperature
 from visionloop.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from visionloop.trainer.config import CANDIDATES, TrainConfig
+from visionloop.trainer.config import CANDIDATES, PREFERENCE, TrainConfig
 from visionloop.trainer.data import (
     DataError,
     ImageListDataset,
@@ -507,7 +507,8 @@ def train_auto(cfg: TrainConfig, ctx: DistContext, splits: Splits, store: ModelS
                           test_minority_recall=result.metrics["minority_recall"])
     labels = np.array([y for _, y in splits.val])
     picked, table = choose(labels, scores, len(splits.classes),
-                           [splits.classes.index(c) for c in minority], seed=cfg.seed)
+                           [splits.classes.index(c) for c in minority], seed=cfg.seed,
+                           preference=PREFERENCE)
     for name, row in table.items():
         rows[name].update(row)
     record_test_differences(rows, trained, picked, splits, minority, cfg.seed)
@@ -515,8 +516,9 @@ def train_auto(cfg: TrainConfig, ctx: DistContext, splits: Splits, store: ModelS
     chosen.metrics["selection"] = {
         "picked": picked, "budget_s": cfg.budget_s, "train_images": len(splits.train),
         "val_images": len(labels), "seconds": round(time.perf_counter() - started, 1),
-        "rule": "best val macro-F1; among candidates whose paired 95% interval of macro-F1 "
-                "minus the best's reaches 0, the highest val minority recall",
+        "rule": "among candidates not worse beyond the noise of val/ (paired 95% intervals "
+                "of macro-F1 minus the best's and of minority recall minus the best's reach "
+                "0), the first in " + ", ".join(PREFERENCE),
         "candidates": rows}
     log.info("auto picked %s:\n%s", picked, format_selection(chosen.metrics["selection"]))
     return chosen
