@@ -487,6 +487,7 @@ def train_auto(cfg: TrainConfig, ctx: DistContext, splits: Splits, store: ModelS
         raise InputError("--learner auto runs in one process; name a learner for torchrun")
     started, trained, scores, rows = time.perf_counter(), {}, [], {}
     for name in cfg.candidates:
+        torch.manual_seed(cfg.seed)  # a candidate's result does not depend on which ran before
         candidate, init_from = candidate_config(cfg, name)
         start = candidate_start(candidate, splits, store, parent, trained.get(init_from))
         expected, left = estimate(candidate, start, splits), cfg.budget_s - (
