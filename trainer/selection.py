@@ -60,12 +60,13 @@ def choose(labels: np.ndarray, scores: list[CandidateScore], n_classes: int,
         finder = max(contenders, key=lambda s: found[s.name]["minority_recall"].estimate)
         recall_delta = {s.name: difference(finder, s)["minority_recall"] for s in scores}
         contenders = [s for s in contenders if recall_delta[s.name].high >= 0]
+    contending = {s.name for s in contenders}  # by name: a score's == compares arrays
     table: dict[str, dict] = {}
     for s in scores:
         table[s.name] = {"val_macro_f1": found[s.name]["macro_f1"].to_dict(),
                          "val_minority_recall": found[s.name]["minority_recall"].to_dict(),
                          "val_macro_f1_minus_best": f1_delta[s.name].to_dict(),
-                         "contender": s in contenders, "seconds": round(s.seconds, 1)}
+                         "contender": s.name in contending, "seconds": round(s.seconds, 1)}
         if s.name in recall_delta:
             table[s.name]["val_minority_recall_minus_best"] = recall_delta[s.name].to_dict()
     order = {name: rank for rank, name in enumerate(preference)}
