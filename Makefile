@@ -20,7 +20,7 @@ HAPROXY := /usr/sbin/haproxy
 DATA := data/fashion-mnist-lt
 MINORITY := coat,sandal,bag
 
-.PHONY: setup setup-test test-install java postgres containers image images test-containers test-e2e demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling bench-loop clean-venv
+.PHONY: setup setup-test test-quality test-install java postgres containers image images test-containers test-e2e demo test test-fast soak lint bench-train bench-imbalance bench-serving bench-labeling bench-loop clean-venv
 
 # What the demo and your own images use: the venvs, the real Fashion-MNIST, Java.
 setup: $(VENV)/.installed-$(ORT) $(LS_VENV)/.installed-$(LS_VERSION) $(FASHION_MNIST) java
@@ -85,20 +85,32 @@ $(DATA)/scenario.json: | setup
 demo: setup $(DATA)/scenario.json
 	$(VENV)/bin/visionloop demo --scenario $(DATA) --out runs/demo
 
+# pytest-randomly shuffles the order (each test stands alone) and the seed is printed:
+# PYTEST_ARGS=--randomly-seed=N repeats an order, PYTEST_ARGS="-p no:randomly" keeps the
+# files' order.
 test: setup-test
-	$(PY) -m pytest -q -m "not container and not install and not e2e" --durations=15
+	$(PY) -m pytest -q -m "not container and not install and not e2e and not quality" \
+		--durations=15 $(PYTEST_ARGS)
 
 test-fast: setup-test
-	$(PY) -m pytest -q -m "not slow and not container and not install and not e2e"
+	$(PY) -m pytest -q -m "not slow and not container and not install and not e2e and not quality"
+
+# Model quality and the loop's value against the figures bench/ recorded (~N min): the
+# default `visionloop train` on two long-tailed scenarios over three seeds, the loop
+# simulated on cached embeddings against random labels; .ci/run runs it.
+test-quality: setup-test
+	$(PY) -m pytest -q -s -m quality $(PYTEST_ARGS)
 
 # The whole loop end to end (~8 min): the README's own-images walkthrough as written, on
 # real photos, and the quick demo; .ci/run runs it.
+# Not shuffled, like test-install and test-containers: a few long scenarios, run in the
+# files' order; make test and make test-quality shuffle.
 test-e2e: setup-test
-	$(PY) -m pytest -q -s -m e2e
+	$(PY) -m pytest -q -s -p no:randomly -m e2e
 
 # The wheel in a fresh virtualenv, torch from the pinned wheels (~4 min); .ci/run runs it.
 test-install: setup
-	$(PY) -m pytest -q -s -m install
+	$(PY) -m pytest -q -s -p no:randomly -m install
 
 # Debian's podman (rootful, runc: deploy/podman.sh) and mmdebstrap, which builds the local
 # base image (no registry serves one here); the dnsname plugin resolves compose services.
@@ -121,7 +133,7 @@ images: image
 # Builds the images and runs them for real (~15 min): not part of `make test`; .ci/run
 # runs both.
 test-containers: setup-test containers
-	$(PY) -m pytest -q -s -m container
+	$(PY) -m pytest -q -s -p no:randomly -m container
 
 # The long versions of the fault tests `make test` runs short: a 5-minute load soak with a
 # worker killed, 3000 random (not fixed-seed) fuzz inputs per path. Prints the counts.

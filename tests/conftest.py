@@ -11,6 +11,24 @@ from visionloop.trainer import fashion_mnist
 MINORITY = ("coat", "sandal", "bag")
 
 
+def _order_line(config: pytest.Config) -> str | None:
+    seed = config.getoption("randomly_seed", None)
+    return None if seed is None else (f"test order shuffled by pytest-randomly, seed {seed} "
+                                      f"(--randomly-seed={seed} repeats it)")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    line = _order_line(session.config)
+    if line:  # -q hides pytest-randomly's own header line
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(line)
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    line = _order_line(config)
+    if line:
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def small_scenario(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """60 images of each majority class and 10 of each minority class; balanced val/test."""
