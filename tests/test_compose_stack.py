@@ -16,14 +16,15 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import MINORITY
 from tests.containers import PODMAN, ROOT, build_service_images, podman, shared_folder
+from tests.load import Load, Outcome, send, summary
 from tests.servers import metric_samples
 from visionloop.core.ports import free_loopback_ports
 from visionloop.core.scenario import read_pool
@@ -101,27 +102,22 @@ class Stack:
         """`visionloop ARGS` inside the running service's container."""
         return self.compose("exec", "-T", service, "visionloop", *args, timeout=timeout).stdout
 
-    def predict(self, body: bytes) -> tuple[int, dict]:
-        request = urllib.request.Request(f"{self.inference}/predictions/{MODEL}", data=body,
-                                         method="POST",
-                                         headers={"Content-Type": "application/octet-stream"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, {}
-        except OSError:
-            return 0, {}
+    @property
+    def predictions_url(self) -> str:
+        return f"{self.inference}/predictions/{MODEL}"
+
+    def predict(self, body: bytes) -> Outcome:
+        return send(self.predictions_url, body)
 
     def wait_serving(self, body: bytes, version: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            status, reply = self.predict(body)
-            if status == 200 and reply.get("version") == version:
+            outcome = self.predict(body)
+            if outcome.ok and outcome.version == version:
                 return
             time.sleep(2)
         raise AssertionError(f"{MODEL} {version} not served in {timeout:.0f} s "
-                             f"(last: {status} {reply}); {self.logs('torchserve')}")
+                             f"(last: {outcome}); {self.logs('torchserve')}")
 
     def wait_labelstudio(self, timeout: float = 400) -> None:
         deadline = time.monotonic() + timeout
@@ -222,8 +218,8 @@ def test_the_compose_stack_runs_the_loop_and_keeps_everything_across_down_and_up
                   f"{time.monotonic() - started:.0f} s")
 
     replies = [stack.predict(body) for body in bodies]
-    assert all(status == 200 for status, _ in replies), [s for s, _ in replies]
-    captured = sum(bool(reply.get("captured")) for _, reply in replies)
+    assert all(o.ok for o in replies), summary(replies)
+    captured = sum(bool(o.captured) for o in replies)
     assert captured > 0
     assert stack.captures_in_index() >= captured
     report.append(f"{len(bodies)} images sent, {captured} captured into PostgreSQL")
@@ -284,7 +280,7 @@ def scrape_after_the_round(stack: Stack, small_scenario: Path, client, project, 
     # a full drift window of traffic like the test split, so TorchServe has a reading
     tests = sorted((small_scenario / "test").rglob("*.png"))
     random.Random(0).shuffle(tests)
-    assert all(stack.predict(p.read_bytes())[0] == 200 for p in tests[:200])
+    assert all(stack.predict(p.read_bytes()).ok for p in tests[:200])
 
     def of_model(scraped: dict, name: str) -> dict[tuple, float]:
         return {labels: v for (n, labels), v in scraped.items()
@@ -341,11 +337,9 @@ def scrape_after_the_round(stack: Stack, small_scenario: Path, client, project, 
 
 def test_the_replicas_profile_rolls_a_promotion_through_both_under_load(stack, small_scenario,
                                                                        capsys):
-    """After the loop test (v2 serving): `--profile replicas up` adds a second TorchServe
-    and HAProxy; requests flow through the balancer while a retrain rolls v3 through both
-    replicas, and none of them fails."""
-    import threading
-
+    """After the loop test (a champion serving, captures to push): `--profile replicas up`
+    adds a second TorchServe and HAProxy; requests flow through the balancer while a
+    retrain rolls its challenger through both replicas, and none of them fails."""
     stack.compose("--profile", "replicas", "up", "-d")
     balancer = f"http://127.0.0.1:{stack.env['BALANCER_PORT']}"
     pool = read_pool(small_scenario)
@@ -355,41 +349,34 @@ def test_the_replicas_profile_rolls_a_promotion_through_both_under_load(stack, s
     # the first test sent test/ images too (a drift window): any of them can be pushed now
     truth.update({hashlib.sha256(p.read_bytes()).hexdigest(): p.parent.name
                   for p in (small_scenario / "test").rglob("*.png")})
+    champion = (stack.volume("model_store") / MODEL / "CHAMPION").read_text().strip()
     through = Stack(stack.env_file, {**stack.env, "INFERENCE_PORT": stack.env["BALANCER_PORT"]})
-    through.wait_serving(bodies[0], "v2")
+    through.wait_serving(bodies[0], champion)
     assert balancer == through.inference
     # fresh labels for the retrain: the captures test 1 did not push
     stack.push_and_answer(10, truth)
 
-    outcomes: list[tuple[int, str | None]] = []
-    stop = threading.Event()
-
-    def send() -> None:
-        i = 0
-        while not stop.is_set() and i < 3000:
-            status, reply = through.predict(bodies[i % len(bodies)])
-            outcomes.append((status, reply.get("version")))
-            i += 1
-
-    senders = [threading.Thread(target=send, daemon=True) for _ in range(3)]
-    for sender in senders:
-        sender.start()
-    started = time.monotonic()
-    decision = stack.retrain("--torchserve-url", "http://torchserve:8081",
-                             "--torchserve-url", "http://torchserve-b:8081")
-    took = time.monotonic() - started
-    time.sleep(2)
-    stop.set()
-    for sender in senders:
-        sender.join(60)
-    assert decision["promoted"] and decision["challenger"] == "v3", decision
-    assert "2 TorchServe replicas now serve v3" in decision["reason"], decision
-    failed = [o for o in outcomes if o[0] != 200]
+    # bounds well past a retrain's (its timeout is 1200 s): the load must outlast it
+    with Load([through.predictions_url], bodies, threads=3, max_requests=9000,
+              max_seconds=1500) as load:
+        load.wait_for_outcomes(10)  # the champion serves the load through the balancer
+        started = time.monotonic()
+        decision = stack.retrain("--torchserve-url", "http://torchserve:8081",
+                                 "--torchserve-url", "http://torchserve-b:8081")
+        retrained = time.monotonic()
+        load.wait_for_outcomes(10, sent_after=retrained)
+    outcomes = load.outcomes()
+    challenger = decision["challenger"]
+    assert decision["promoted"] and challenger != champion, decision
+    assert f"2 TorchServe replicas now serve {challenger}" in decision["reason"], decision
+    failed = [o for o in outcomes if not o.ok]
     with capsys.disabled():
-        print(f"\ncompose replicas profile: rolling promotion v2 -> v3 through 2 replicas "
-              f"behind HAProxy under load: {len(outcomes)} requests, {len(failed)} failed; "
-              f"retrain {took:.0f} s; {decision['reason']}")
+        print(f"\ncompose replicas profile: rolling promotion {champion} -> {challenger} "
+              f"through 2 replicas behind HAProxy under load: {len(outcomes)} requests, "
+              f"{dict(summary(failed))} failed; retrain {retrained - started:.0f} s; "
+              f"{decision['reason']}")
     assert outcomes and not failed, failed[:10]
-    assert {version for _, version in outcomes} <= {"v2", "v3"}
-    for _ in range(10):
-        assert through.predict(bodies[0])[1].get("version") == "v3"
+    assert {o.version for o in outcomes} == {champion, challenger}
+    # the champion was gone from both replicas when the retrain returned
+    after = Counter(o.version for o in outcomes if o.sent > retrained)
+    assert set(after) == {challenger}, after

@@ -7,8 +7,8 @@ import io
 import random
 import shutil
 import time
-import urllib.error
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +17,8 @@ import torch
 from PIL import Image, ImageOps
 from skimage import data as skdata
 
-from tests.servers import free_ports, oversize_status, predict
+from tests.load import Load, send, summary, wait_until
+from tests.servers import free_ports, metric_samples, oversize_status, predict
 from visionloop.core.capture_store import CaptureStore, image_path
 from visionloop.core.drift import latest_readings
 from visionloop.core.manifest import ModelManifest
@@ -104,11 +105,24 @@ def test_good_and_bad_requests_in_one_batch_get_their_own_status(torchserve, sma
         assert status == (200 if i % 3 else 400), (i, reply)
 
 
+def model_samples(cfg: server.ServerConfig, model: str) -> dict[str, list[float]]:
+    """The values of each metric of one model on the metrics port, by sample name (the
+    parser names a counter's samples <name>_total)."""
+    text = urllib.request.urlopen(f"{cfg.url('metrics')}/metrics", timeout=10).read().decode()
+    samples: dict[str, list[float]] = {}
+    for (name, labels), value in metric_samples(text).items():
+        if ("ModelName", model) in labels:
+            samples.setdefault(name, []).append(value)
+    return samples
+
+
 def test_uncertain_predictions_are_in_the_capture_store(torchserve, small_scenario):
     store = CaptureStore(torchserve.capture_dir)
     before = len(store.captures())
+    counted_before = model_samples(torchserve, "fm_torchscript")
     captured = []
-    for path in sorted((small_scenario / "pool").iterdir())[:40]:
+    images = sorted((small_scenario / "pool").iterdir())[:40]
+    for path in images:
         status, reply = predict(torchserve, "fm_torchscript", path.read_bytes())
         assert status == 200
         assert reply["captured"] == (reply["uncertainty"]["max_prob"] < 0.7)
@@ -123,19 +137,23 @@ def test_uncertain_predictions_are_in_the_capture_store(torchserve, small_scenar
         sha = hashlib.sha256(body).hexdigest()
         assert image_path(torchserve.capture_dir, sha).read_bytes() == body
         assert max(by_image[sha].probabilities) < 0.7
-    metrics = urllib.request.urlopen(f"{torchserve.url('metrics')}/metrics", timeout=10).read()
-    lines = metrics.decode().splitlines()
-    captured_total = sum(float(line.rsplit(" ", 1)[1]) for line in lines
-                         if line.startswith("CapturedPredictions{")
-                         and 'ModelName="fm_torchscript"' in line)
-    assert captured_total >= len(captured)
-    assert any(line.startswith("PredictionConfidence{") and "ConfidenceBin=" in line
-               and "PredictedClass=" in line for line in lines)
-    assert any(line.startswith("CaptureErrors{") for line in lines)
-    assert any(line.startswith("CapturesRateLimited{") for line in lines)
-    served = [float(line.rsplit(" ", 1)[1]) for line in lines
-              if line.startswith("ServedVersion{") and 'ModelName="fm_torchscript"' in line]
-    assert served == [int(reply["version"].lstrip("v"))], served
+
+    def added(samples: dict[str, list[float]], name: str) -> float:
+        return sum(samples.get(name, [])) - sum(counted_before.get(name, []))
+
+    def counted_this_test() -> dict[str, list[float]] | None:
+        now = model_samples(torchserve, "fm_torchscript")
+        return now if (added(now, "PredictionConfidence_total") == len(images)
+                       and added(now, "CapturedPredictions_total") == len(captured)) else None
+
+    # every reply in the confidence histogram and every capture counted, once; the frontend
+    # takes the workers' metrics from their logs, a moment after the reply
+    counted = wait_until("the metrics count this test's replies and captures",
+                         counted_this_test, timeout=30)
+    # exported, and zero: nothing in this module fails a capture or reaches the rate cap
+    for name in ("CaptureErrors_total", "CapturesRateLimited_total"):
+        assert name in counted and sum(counted[name]) == 0, (name, counted.get(name))
+    assert counted["ServedVersion"] == [int(reply["version"].lstrip("v"))], counted
 
 
 def test_the_traffic_drift_is_read_exported_and_moves_with_the_inputs(
@@ -146,16 +164,24 @@ def test_the_traffic_drift_is_read_exported_and_moves_with_the_inputs(
     random.Random(0).shuffle(tests)  # every class in the window, in the test split's mix
     assert len(tests) >= window
 
+    url = f"{torchserve.url('inference')}/predictions/fm_onnx"
+
     def stream(bodies: list[bytes]) -> dict:
-        with ThreadPoolExecutor(4) as pool:
-            statuses = [s for s, _ in pool.map(
-                lambda b: predict(torchserve, "fm_onnx", b), bodies)]
-        assert statuses == [200] * len(bodies)
-        time.sleep(1.1)  # a worker writes its reading at most once a second
-        predict(torchserve, "fm_onnx", bodies[0])
-        readings = latest_readings(torchserve.capture_dir, manifest.name)
-        assert readings, "no worker wrote a drift reading"
-        return readings[0]
+        """The drift reading the worker writes after this window of traffic."""
+        outcomes = Load([url], bodies, threads=4, max_requests=len(bodies)).start().join()
+        assert summary(outcomes) == {"HTTP 200": len(bodies)}
+        streamed = time.time()  # a reading's written_at is wall-clock time
+
+        def reading_after_the_stream() -> dict | None:
+            # a worker writes its reading after a batch, at most once a second: each poll
+            # sends one more of the stream's images (the window stays all but a few of it)
+            assert send(url, bodies[0]).ok
+            newer = [r for r in latest_readings(torchserve.capture_dir, manifest.name)
+                     if r["written_at"] > streamed]
+            return newer[0] if newer else None
+
+        return wait_until("a drift reading written after the stream",
+                          reading_after_the_stream, timeout=60, poll=0.5)
 
     like_test = stream([p.read_bytes() for p in tests[:window]])
     assert not like_test["drifted"], like_test
@@ -163,11 +189,19 @@ def test_the_traffic_drift_is_read_exported_and_moves_with_the_inputs(
     inverted = stream([_png(ImageOps.invert(Image.open(p).convert("L")))
                        for p in tests[:window]])
     assert inverted["distance"] > inverted["distance_threshold"] > like_test["distance"], inverted
-    metrics = urllib.request.urlopen(f"{torchserve.url('metrics')}/metrics", timeout=10).read()
-    gauges = {line.split("Statistic=\"")[1].split("\"")[0]: float(line.rsplit(" ", 1)[1])
-              for line in metrics.decode().splitlines()
-              if line.startswith("TrafficDrift{") and 'ModelName="fm_onnx"' in line}
-    assert gauges["drifted"] == 1.0 and gauges["distance"] > gauges["distance_threshold"]
+
+    def drift_gauges() -> dict[str, float] | None:
+        text = urllib.request.urlopen(f"{torchserve.url('metrics')}/metrics", timeout=10).read()
+        gauges = {dict(labels)["Statistic"]: value
+                  for (name, labels), value in metric_samples(text.decode()).items()
+                  if name == "TrafficDrift" and ("ModelName", "fm_onnx") in labels}
+        return gauges if gauges.get("drifted") == 1.0 else None
+
+    # the gauges are the last batch's reading, the inverted stream's (the frontend takes
+    # them from the worker's log, a moment after the reply)
+    gauges = wait_until("the TrafficDrift gauges export the inverted stream's drift",
+                        drift_gauges, timeout=30)
+    assert gauges["distance"] > gauges["distance_threshold"], gauges
     print(f"\ndrift: like the test split {like_test['distance']:.1f} (threshold "
           f"{like_test['distance_threshold']:.1f}, mix {like_test['mix']:.3f}); inverted "
           f"{inverted['distance']:.1f} (mix {inverted['mix']:.3f})")
@@ -175,9 +209,6 @@ def test_the_traffic_drift_is_read_exported_and_moves_with_the_inputs(
 
 def test_promotion_under_load_drops_no_request(trained_version, small_scenario, tmp_path):
     """v1 serves under continuous load from 4 clients; v2 is promoted; zero failures."""
-    import threading
-    import time
-
     from visionloop.serving.promote import promote
     from visionloop.trainer.config import TrainConfig
     from visionloop.trainer.train import run_training
@@ -195,30 +226,21 @@ def test_promotion_under_load_drops_no_request(trained_version, small_scenario, 
     v2_mar = package(v2, cfg.model_store, "onnx").name
     body = next((small_scenario / "test" / "coat").iterdir()).read_bytes()
     server.start(cfg, {"fm": v1_mar})
-    outcomes: list[tuple[int, str]] = []
-    stop_load = threading.Event()
-
-    def client() -> None:
-        while not stop_load.is_set():
-            status, reply = predict(cfg, "fm", body)
-            outcomes.append((status, reply.get("version", "")))
-
-    clients = [threading.Thread(target=client) for _ in range(4)]
     try:
-        for c in clients:
-            c.start()
-        time.sleep(2)
-        assert promote(cfg, "fm", "v2", v2_mar) == ["v1"]
-        time.sleep(2)
+        with Load([f"{cfg.url('inference')}/predictions/fm"], [body], threads=4) as load:
+            load.wait_for_outcomes(20)  # v1 is serving the load
+            assert promote(cfg, "fm", "v2", v2_mar) == ["v1"]
+            promoted = time.monotonic()
+            load.wait_for_outcomes(20, sent_after=promoted)  # and v2 serves it after
+        outcomes = load.outcomes()
     finally:
-        stop_load.set()
-        for c in clients:
-            c.join(60)
         server.stop(cfg)
-    failures = [o for o in outcomes if o[0] != 200]
-    assert not failures, f"{len(failures)} of {len(outcomes)} requests failed: {failures[:5]}"
-    versions_seen = [v for _, v in outcomes]
-    assert versions_seen[0] == "v1" and versions_seen[-1] == "v2"
-    assert len(outcomes) > 20
-    print(f"promotion under load: {len(outcomes)} requests, {versions_seen.count('v1')} "
-          f"answered by v1, {versions_seen.count('v2')} by v2, 0 failed")
+    failures = [o for o in outcomes if not o.ok]
+    assert not failures, f"{summary(failures)} of {len(outcomes)} requests: {failures[:5]}"
+    versions = Counter(o.version for o in outcomes)
+    assert set(versions) == {"v1", "v2"} and outcomes[0].version == "v1", versions
+    # v1 was unregistered when promote returned: nothing sent after it can reach v1
+    after = [o.version for o in outcomes if o.sent > promoted]
+    assert after and set(after) == {"v2"}, Counter(after)
+    print(f"promotion under load: {len(outcomes)} requests, {versions['v1']} answered by v1, "
+          f"{versions['v2']} by v2, 0 failed")
