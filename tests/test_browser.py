@@ -90,7 +90,8 @@ def test_an_annotator_labels_push_rank_1_in_a_real_browser(
     browser.save_screenshot(str(screenshot))
     if os.environ.get("VISIONLOOP_KEEP_SCREENSHOT") == "1":  # refresh the README's copy
         shutil.copyfile(screenshot, README_SCREENSHOT)
-    assert width > 0 and screenshot.stat().st_size > 0
+    # the enlarged display copy (labeling.display: x3), not the 28 px capture
+    assert width == 3 * 28 and screenshot.stat().st_size > 0
     assert checked_choices(browser) == [guess]  # the model's guess, pre-selected
 
     answer = next(c for c in manifest.classes if c != guess)

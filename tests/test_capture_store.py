@@ -37,26 +37,25 @@ def rows(root, database) -> list:
         store.close()
 
 
-OPEN: list = []
+@pytest.fixture
+def opened():
+    """opened(store) returns the store and closes it after the test. A PostgreSQL store's
+    pool runs threads (and one pointed at a closed port keeps retrying and logging): left
+    open, they would outlive the test and run through the rest of the session, and anything
+    that forks the pytest process later copies their locks."""
+    stores = []
+
+    def close_after_the_test(store):
+        stores.append(store)
+        return store
+
+    yield close_after_the_test
+    while stores:
+        stores.pop().close()
 
 
-def opened(store):
-    """Every store a test opens is closed after it (the autouse fixture below)."""
-    OPEN.append(store)
-    return store
-
-
-@pytest.fixture(autouse=True)
-def close_what_the_test_opened():
-    """A PostgreSQL store's pool runs threads (and one pointed at a closed port keeps
-    retrying and logging): left open, they would outlive the test and run through the rest
-    of the session, and anything that forks the pytest process later copies their locks."""
-    yield
-    while OPEN:
-        OPEN.pop().close()
-
-
-def test_capture_keeps_only_uncertain_predictions_content_addressed(tmp_path, capture_database):
+def test_capture_keeps_only_uncertain_predictions_content_addressed(tmp_path, capture_database,
+                                                                    opened):
     store = opened(Capturer(tmp_path, CapturePolicy(max_confidence=0.7),
                             database=capture_database))
     assert store.maybe_capture(b"img-1", "r1", reply(0.55))
@@ -70,7 +69,7 @@ def test_capture_keeps_only_uncertain_predictions_content_addressed(tmp_path, ca
     assert (tmp_path / DB_FILE).exists() == (capture_database is None)
 
 
-def test_capture_rate_cap_never_raises(tmp_path, capture_database):
+def test_capture_rate_cap_never_raises(tmp_path, capture_database, opened):
     store = opened(Capturer(tmp_path / "ok", CapturePolicy(per_minute=3),
                             database=capture_database))
     results = [store.maybe_capture(bytes([i]), f"r{i}", reply(0.5)) for i in range(5)]
@@ -79,7 +78,7 @@ def test_capture_rate_cap_never_raises(tmp_path, capture_database):
                             "dropped_spool_full": 0, "errors": 0}
 
 
-def test_a_broken_capture_directory_is_a_counted_error(tmp_path):
+def test_a_broken_capture_directory_is_a_counted_error(tmp_path, opened):
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("a file where the capture directory should be")
     broken = opened(Capturer(blocked))
@@ -94,7 +93,7 @@ def unreachable_database() -> str:
     return f"postgresql://visionloop:secret-pw@127.0.0.1:{port}/captures"
 
 
-def test_an_unreachable_database_spools_the_captures_within_seconds(tmp_path):
+def test_an_unreachable_database_spools_the_captures_within_seconds(tmp_path, opened):
     url = unreachable_database()
     store = opened(Capturer(tmp_path, CapturePolicy(per_minute=100), database=url))
     started = time.monotonic()
@@ -108,7 +107,7 @@ def test_an_unreachable_database_spools_the_captures_within_seconds(tmp_path):
 
 
 def test_captures_spooled_while_the_index_is_down_reach_it_in_order_once(tmp_path,
-                                                                        capture_database):
+                                                                        capture_database, opened):
     down = opened(Capturer(tmp_path, CapturePolicy(max_confidence=0.7),
                            database=unreachable_database()))
     assert down.capture_batch([(b"a", "r1", reply(0.5)), (b"b", "r2", reply(0.9))]) == [
@@ -125,7 +124,7 @@ def test_captures_spooled_while_the_index_is_down_reach_it_in_order_once(tmp_pat
         "r1", "r3", "r4", "r5", "r6"]
 
 
-def test_a_replay_killed_after_its_commit_writes_nothing_twice(tmp_path, capture_database):
+def test_a_replay_killed_after_its_commit_writes_nothing_twice(tmp_path, capture_database, opened):
     store = opened(CaptureStore(tmp_path, url=capture_database))
     batch = store.rows([(b"a", "r1", reply(0.5)), (b"b", "r2", reply(0.4))])
     CaptureSpool(tmp_path).append(batch)
@@ -135,7 +134,7 @@ def test_a_replay_killed_after_its_commit_writes_nothing_twice(tmp_path, capture
     assert not CaptureSpool(tmp_path).files()
 
 
-def test_the_spool_skips_a_torn_line_and_drops_beyond_its_cap(tmp_path):
+def test_the_spool_skips_a_torn_line_and_drops_beyond_its_cap(tmp_path, opened):
     spool = CaptureSpool(tmp_path)
     store = opened(CaptureStore(tmp_path))
     spool.append(store.rows([(b"a", "r1", reply(0.5))]))
@@ -165,7 +164,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_a_capture_acknowledged_from_the_spool_survives_kill_9(tmp_path, capture_database):
+def test_a_capture_acknowledged_from_the_spool_survives_kill_9(tmp_path, capture_database, opened):
     import subprocess
     import sys
 
@@ -200,7 +199,7 @@ def test_concurrent_writers_lose_nothing(tmp_path, capture_database):
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def test_capture_batch_marks_exactly_the_uncertain_ones(tmp_path, capture_database):
+def test_capture_batch_marks_exactly_the_uncertain_ones(tmp_path, capture_database, opened):
     store = opened(Capturer(tmp_path, CapturePolicy(max_confidence=0.7, per_minute=2),
                             database=capture_database))
     items = [(b"a", "r1", reply(0.9)), (b"b", "r2", reply(0.5)), (b"c", "r3", reply(0.6)),
@@ -211,7 +210,7 @@ def test_capture_batch_marks_exactly_the_uncertain_ones(tmp_path, capture_databa
     assert [r.request_id for r in rows(tmp_path, capture_database)] == ["r2", "r3"]
 
 
-def test_capture_takes_every_prediction_of_the_always_classes(tmp_path, capture_database):
+def test_capture_takes_every_prediction_of_the_always_classes(tmp_path, capture_database, opened):
     store = opened(Capturer(tmp_path, CapturePolicy(max_confidence=0.7, always_classes=["a"]),
                             database=capture_database))
     assert store.maybe_capture(b"rare", "r1", reply(0.99))  # a minority class, confident
@@ -219,7 +218,7 @@ def test_capture_takes_every_prediction_of_the_always_classes(tmp_path, capture_
     assert CapturePolicy(always_classes=["a"]).always_classes == ("a",)  # from serving.json
 
 
-def test_labeling_queries_link_and_unlink(tmp_path, capture_database):
+def test_labeling_queries_link_and_unlink(tmp_path, capture_database, opened):
     """What push relies on: unlinked captures oldest first, linking every capture of an
     image, pushed images, and unlinking tasks deleted in Label Studio."""
     writer = opened(Capturer(tmp_path, CapturePolicy(max_confidence=1.01),
@@ -242,7 +241,7 @@ def test_labeling_queries_link_and_unlink(tmp_path, capture_database):
     assert {r.task_id for r in store.captures()} == {None, 9}
 
 
-def test_a_fresh_store_has_every_migration_once(tmp_path, capture_database):
+def test_a_fresh_store_has_every_migration_once(tmp_path, capture_database, opened):
     store = opened(CaptureStore(tmp_path, url=capture_database))
     assert store.schema_version() == SCHEMA_VERSION == MIGRATIONS[-1][0]
     store.close()
@@ -268,7 +267,7 @@ INSERT INTO captures VALUES (1, 'old', 'aa', 'fm', 'v1', 'a', '[0.5, 0.5]', 0.5,
 """
 
 
-def test_a_store_from_before_versioned_migrations_is_upgraded_in_place(tmp_path):
+def test_a_store_from_before_versioned_migrations_is_upgraded_in_place(tmp_path, opened):
     conn = sqlite3.connect(tmp_path / DB_FILE)
     conn.executescript(OLD_SCHEMA)
     conn.close()
@@ -278,7 +277,7 @@ def test_a_store_from_before_versioned_migrations_is_upgraded_in_place(tmp_path)
     assert [r.capture_id for r in store.unlinked("fm")] == [1]
 
 
-def test_a_store_newer_than_the_code_is_refused(tmp_path, capture_database):
+def test_a_store_newer_than_the_code_is_refused(tmp_path, capture_database, opened):
     store = opened(CaptureStore(tmp_path, url=capture_database))
     store.schema_version()
     store.close()
@@ -310,7 +309,7 @@ def test_database_urls(tmp_path, monkeypatch):
     assert redacted("postgresql://u:pw@h:5/db") == "postgresql://u:***@h:5/db"
 
 
-def test_a_worker_that_started_during_an_outage_writes_once_postgresql_is_back(tmp_path):
+def test_a_worker_that_started_during_an_outage_writes_once_postgresql_is_back(tmp_path, opened):
     """Its first connection fails (the pool gives up and closes): it spools, and once the
     server is back it opens the index again and replays."""
     server = postgres.start()

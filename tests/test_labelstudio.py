@@ -594,7 +594,9 @@ def test_a_personal_access_token_works_for_every_call_the_project_makes(
     assert hashlib.sha256(image).hexdigest() == tasks[0].data["capture_sha"]
     assert predictor.auth().startswith("Bearer ")
     (result,) = predictor.predict([{"id": tasks[0].id, "data": tasks[0].data}])
-    assert result["result"], result
+    served = {hashlib.sha256(d).hexdigest(): reply for d, reply, _ in pool_predictions}
+    assert result["result"][0]["value"]["choices"] == [
+        served[tasks[0].data["capture_sha"]].label], result
     stranger = Predictor(store, manifest.name, manifest.version, labelstudio.url, "0" * 40)
     with pytest.raises(urllib.error.HTTPError) as refused:
         stranger.image_bytes(tasks[0].data["capture_image"])
@@ -676,7 +678,9 @@ def kill_9_loses_nothing(labelstudio, trained_version, pool_predictions,
     assert len(shas) == 20 and len(set(shas)) == 20
     linked = links(root)
     assert sorted(t for t in linked.values() if t is not None) == sorted(t.id for t in tasks)
-    assert json.loads(json.dumps(result.pushed_classes))  # serialisable for the CLI
+    # by predicted class, serialisable for the CLI
+    assert json.loads(json.dumps(result.pushed_classes)) == result.pushed_classes
+    assert sum(result.pushed_classes.values()) == 15
 
     # annotated and pulled once; then a second round dies as pull starts reading
     truth = {hashlib.sha256(d).hexdigest(): label for d, _, label in pool_predictions}

@@ -145,7 +145,8 @@ def test_auto_trains_the_candidates_picks_on_val_and_records_every_one(small_sce
     assert list(rows) == ["head", "multiblock_head", "partial_finetune"]
     picked = selection["picked"]
     for name, row in rows.items():
-        assert row["seconds"] > 0 and 0 <= row["test_macro_f1"] <= 1
+        # each learned the task: chance is 0.1 on ten classes; 0.77 to 0.83 here
+        assert row["seconds"] > 0 and row["test_macro_f1"] > 0.5, (name, row)
         assert row["val_macro_f1"]["low"] <= row["val_macro_f1"]["estimate"]
         assert name in printed
     assert rows[picked]["contender"] and "picked" in printed

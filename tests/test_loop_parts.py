@@ -68,6 +68,7 @@ def test_a_scheduled_job_serves_its_runs_on_its_own_metrics_port():
 
     (port,) = free_loopback_ports(1)
     outcomes = iter([lambda: 0, lambda: 1 / 0, lambda: 2])
+    started = time.time()
     run_every(0.01, lambda: next(outcomes)(), "a job", max_runs=3,
               metrics=JobMetrics("push", MetricsAddress("127.0.0.1", port)))
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -76,7 +77,8 @@ def test_a_scheduled_job_serves_its_runs_on_its_own_metrics_port():
                if s.labels.get("job") == "push"}
     assert samples[("visionloop_job_runs_total", "ok")] == 1
     assert samples[("visionloop_job_runs_total", "failed")] == 2
-    assert samples[("visionloop_job_last_success_timestamp_seconds", None)] > 0
+    assert started <= samples[("visionloop_job_last_success_timestamp_seconds", None)] <= \
+        time.time()
     assert ("visionloop_job_last_run_seconds", None) in samples
 
 

@@ -85,21 +85,26 @@ def test_too_few_new_labels_do_nothing(trained_version, small_scenario, tmp_path
 def test_worse_challenger_is_kept_out_and_a_good_one_serves_the_next_request(
         serving_champion, small_scenario, tmp_path):
     store, torchserve = serving_champion
+    versions, registry = ModelStore(store), Registry(ModelStore(store), "fm")
+    # v1 when this test runs first; the module's other tests promote versions of their own
+    champion = registry.champion()
     image = next((small_scenario / "test").rglob("*.png")).read_bytes()
-    assert predict(torchserve, "fm", image)[1]["version"] == "v1"
+    assert predict(torchserve, "fm", image)[1]["version"] == champion
 
     wrong = tmp_path / "wrong-labels"
     write_labels(wrong, small_scenario, wrong=True)
+    bad_version = versions.next_version("fm")
     bad = retrain_once(config(store, small_scenario, wrong, epochs=3, lr=5e-3, base_per_class=2),
                        torchserve=torchserve)
     assert bad is not None and not bad.promoted, bad
+    assert bad.champion == champion and bad.challenger == bad_version
     # kept out because the gate's paired interval on val/ admits a drop beyond a margin
     evidence = bad.gate
     assert (evidence["delta_macro_f1"]["low"] < -0.01
             or evidence["delta_minority_recall"]["low"] < -0.03), evidence
     assert evidence["split"] == "val/" and "paired-bootstrap" in evidence["rule"]
-    assert Registry(ModelStore(store), "fm").champion() == "v1"
-    assert predict(torchserve, "fm", image)[1]["version"] == "v1"
+    assert registry.champion() == champion
+    assert predict(torchserve, "fm", image)[1]["version"] == champion
 
     right = tmp_path / "labels"
     write_labels(right, small_scenario)
@@ -108,16 +113,19 @@ def test_worse_challenger_is_kept_out_and_a_good_one_serves_the_next_request(
     # interval of a 2-epoch fine-tune on the true labels spans about +-0.07 macro-F1 and
     # +-0.13 minority recall (CI saw [-0.052, +0.095] and [-0.110, +0.146]), so the
     # default margins would keep out a challenger no worse than its champion.
+    good_version = versions.next_version("fm")
     good = retrain_once(config(store, small_scenario, right, max_macro_f1_drop=0.15,
                                max_minority_recall_drop=0.3),
                         torchserve=torchserve)
     assert good is not None and good.promoted, good
-    assert good.champion == "v1" and good.challenger == "v3"
-    assert Registry(ModelStore(store), "fm").champion() == "v3"
+    assert good.champion == champion and good.challenger == good_version
+    assert registry.champion() == good_version
     status, reply = predict(torchserve, "fm", image)
-    assert status == 200 and reply["version"] == "v3"
-    log = (store / "fm" / "registry.md").read_text()
-    assert "| v1 | v2 |" in log and "kept champion" in log and "promoted" in log
+    assert status == 200 and reply["version"] == good_version
+    # the log a person reads ends with this test's two decisions
+    kept_row, promoted_row = (store / "fm" / "registry.md").read_text().splitlines()[-2:]
+    assert f"| {champion} | {bad_version} |" in kept_row and "| kept champion |" in kept_row
+    assert f"| {champion} | {good_version} |" in promoted_row and "| promoted |" in promoted_row
     # the same labels again are not new: a scheduled run does nothing
     assert retrain_once(config(store, small_scenario, right), torchserve=torchserve) is None
 
@@ -158,10 +166,12 @@ def test_retrain_killed_mid_training_leaves_the_champion_serving(
     with FileLock(store / "fm" / ".retrain.lock", wait_s=30):
         pass
     # the next run starts clean and finishes
+    challenger = ModelStore(store).next_version("fm")
     decision = retrain_once(config(store, small_scenario, labels, epochs=1,
                                    max_macro_f1_drop=1.0, max_minority_recall_drop=1.0),
                             torchserve=torchserve)
-    assert decision is not None and decision.promoted
+    assert decision is not None and decision.promoted, decision
+    assert decision.champion == champion and decision.challenger == challenger
     assert not list((store / "fm").glob(".staging-*"))
     assert predict(torchserve, "fm", image)[1]["version"] == decision.challenger
 

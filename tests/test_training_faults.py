@@ -105,4 +105,5 @@ def test_a_damaged_champion_is_refused_before_training_and_packaging(
     target.write_bytes(pristine)
     decision = retrain_once(config(store, small_scenario, labels, epochs=1,
                                    max_macro_f1_drop=1.0, max_minority_recall_drop=1.0))
-    assert decision is not None
+    assert decision is not None and decision.promoted, decision
+    assert Registry(ModelStore(store), "fm").champion() == decision.challenger == "v2"
