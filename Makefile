@@ -95,7 +95,7 @@ test: setup-test
 test-fast: setup-test
 	$(PY) -m pytest -q -m "not slow and not container and not install and not e2e and not quality"
 
-# Model quality and the loop's value against the figures bench/ recorded (~N min): the
+# Model quality and the loop's value against the figures bench/ recorded (~25 min): the
 # default `visionloop train` on two long-tailed scenarios over three seeds, the loop
 # simulated on cached embeddings against random labels; .ci/run runs it.
 test-quality: setup-test
